@@ -1,0 +1,185 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+The YAML files under conf/ hold the values; these dataclasses hold the types, so a
+wrong type (`trainer.lr=abc`) fails at start with Hydra's message naming the key.
+Each trainer extends `TrainerConfig` with the knobs its update rule reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    source_column: str = MISSING
+    target_column: str = MISSING
+    reference_columns: List[str] = field(default_factory=list)  # extra references (eval only)
+    max_train_examples: Optional[int] = None  # null = all
+    max_eval_examples: Optional[int] = None
+    max_source_length: int = 128  # tokens; longer examples are truncated and counted
+    max_target_length: int = 128
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # tiny_marian | hf
+    name_or_path: Optional[str] = None  # hf: hub name or local folder
+    source_prefix: str = ""  # T5-style task prompt, e.g. "translate German to English: "
+    trust_remote_code: bool = False
+    # tiny_marian: a MarianMTModel built from this config and a BPE tokenizer trained on the data
+    vocab_size: int = 8000
+    d_model: int = 256
+    layers: int = 2
+    heads: int = 4
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+
+
+@dataclass
+class MetricConfig:
+    name: str = "bleu"  # bleu | chrf | rouge
+    level: str = "corpus"  # corpus: one score pooled over the batch; sentence: mean of sentence scores
+    rouge_tokenizer: str = "default"  # default | whitespace | char (default drops non-Latin text)
+    rouge_key: str = "rougeL"
+
+
+@dataclass
+class DecodeConfig:
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    batch_size: int = 128
+    length_penalty: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    name: str = MISSING
+    max_steps: int = 1000
+    batch_size: int = 64  # per process; the global batch is batch_size x processes
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    schedule: str = "inverse_sqrt"  # constant | linear | inverse_sqrt | cosine
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    eval_every: int = 500
+    log_every: int = 25
+    save_every: int = 500
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    # The paper's recipe: MLE from scratch, then this rule. Skipped when 0.
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-3
+    warm_start_eval_every: int = 500
+
+
+@dataclass
+class MLEConfig(TrainerConfig):
+    name: str = "mle"
+
+
+@dataclass
+class MGSConfig(TrainerConfig):
+    name: str = "mgs"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    num_samples: int = 4  # K perturbations per step
+    proposal: str = "mixture"  # zero | guided | mixture
+    mixture_weight: float = 0.5  # lambda: share of zero-centred perturbations
+    noise_scale: float = 1.0  # sigma (relative: times each tensor's mean |guide|)
+    noise_mode: str = "relative"  # relative | constant
+    temperature: float = 1.0  # alpha, in units of the task loss (1 - metric/100)
+    beta: Optional[float] = None  # the MGS paper's 1/alpha; overrides temperature when set
+    density: str = "exact"  # proposal density in the importance weights (see docs/sampling-view.md)
+    guide: str = "scaled"  # scaled: mu = -guide_scale * g ; optimizer: mu = the optimizer's own next step
+    guide_scale: float = 1.0
+    guide_max_norm: float = 1.0  # the guide gradient g is clipped to this norm first (0 = off)
+    decode: str = "greedy"  # greedy | sample
+    perturb: str = "inplace"  # inplace | copy (deep copy per sample, the original code's way)
+    apply: str = "optimizer"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
+    sgd_scale: float = 1.0
+
+
+@dataclass
+class PGConfig(TrainerConfig):
+    name: str = "pg"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    num_samples: int = 4
+    sample_temperature: float = 1.0
+    baseline: str = "loo"  # loo | greedy | none
+    standardize: bool = False
+    mle_mix: float = 0.1
+    max_new_tokens: int = 64
+
+
+@dataclass
+class MRTConfig(TrainerConfig):
+    name: str = "mrt"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    num_samples: int = 4
+    sample_temperature: float = 1.0
+    sharpness: float = 0.005
+    include_reference: bool = True
+    mle_mix: float = 0.1
+    max_new_tokens: int = 64
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    seed: int = 0
+    data_dir: str = "data"
+    output_dir: Optional[str] = None  # null: Hydra's run dir
+    init_from: Optional[str] = None  # start from a saved checkpoint folder
+    resume: Any = False  # true, or a run dir to continue
+    overwrite: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    cache_dir: Optional[str] = None  # tokenizer/model cache; null: $MLEPS_CACHE_DIR or ~/.cache/mleps
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
+    cpu: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = MISSING
+    data: DataConfig = MISSING
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    split: str = "test"
+    data_dir: str = "data"
+    predictions: Optional[str] = None  # default: <checkpoint>/predictions-<data>-<split>.txt
+    source_prefix: Optional[str] = None  # null: the checkpoint's own (saved at training time)
+    seed: int = 0
+    progress: bool = True
+
+
+TRAINER_SCHEMAS = {"mle": MLEConfig, "mgs": MGSConfig, "pg": PGConfig, "mrt": MRTConfig}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="metric", name="metric_schema", node=MetricConfig)
+    for name, schema in TRAINER_SCHEMAS.items():
+        cs.store(group="trainer", name=f"{name}_schema", node=schema)

@@ -1,0 +1,323 @@
+"""The training loop, written once for every update rule.
+
+setup (run dir, accelerate, data, model, metric) -> phases -> steps. A run has up to two
+phases: an optional MLE warm start (`trainer.warm_start_steps`, the paper's recipe) and the
+configured rule. The global step counts both. Each step: a batch that is a pure function of
+(seed, step), `rule.step` leaves a direction in `.grad`, the loop checks it is finite,
+clips, applies, and logs; every `eval_every` steps it decodes the validation set, and every
+`save_every` steps (and at the end, and on SIGTERM/SIGINT) it writes checkpoints/last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
+from mleps.config import MLEConfig
+from mleps.data import BatchStream, Collator, data_path, load_split, tokenize
+from mleps.decoding import translate
+from mleps.errors import INTERRUPTED_EXIT, TrainingDiverged, UserError
+from mleps.metrics_config import metric_from_config
+from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
+from mleps.trainers import build_rule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase:
+    name: str  # warm_start | main
+    trainer: object  # the trainer config section this phase runs
+    first_step: int  # global step at which the phase starts
+    steps: int
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps
+
+
+def make_phases(trainer_cfg) -> list[Phase]:
+    phases = []
+    if trainer_cfg.warm_start_steps > 0:
+        warm = OmegaConf.structured(MLEConfig(
+            max_steps=trainer_cfg.warm_start_steps, batch_size=trainer_cfg.batch_size, lr=trainer_cfg.warm_start_lr,
+            schedule="inverse_sqrt", warmup_steps=200, label_smoothing=0.1,
+            eval_every=trainer_cfg.warm_start_eval_every, log_every=trainer_cfg.log_every,
+            save_every=trainer_cfg.save_every, max_bad_steps=trainer_cfg.max_bad_steps,
+        ))
+        phases.append(Phase("warm_start", warm, 0, trainer_cfg.warm_start_steps))
+    start = phases[-1].last_step if phases else 0
+    phases.append(Phase("main", trainer_cfg, start, trainer_cfg.max_steps))
+    return phases
+
+
+def lr_lambda(cfg):
+    """Multiplier of the base LR at a phase-local step."""
+    warmup = max(cfg.warmup_steps, 0)
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "inverse_sqrt":
+            return math.sqrt(max(warmup, 1) / max(step, 1)) if warmup else 1 / math.sqrt(max(step, 1))
+        progress = (step - warmup) / max(cfg.max_steps - warmup, 1)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        raise UserError(f"unknown trainer.schedule '{cfg.schedule}': use constant, linear, inverse_sqrt or cosine")
+
+    return f
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event) and, optionally, TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(run_dir / "tensorboard")
+
+    def write(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+        if self.tb is not None:
+            for k, v in event.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{event['split']}/{k}", v, event["step"])
+
+
+class Interrupt:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def prepare_run_dir(cfg, run_dir: Path) -> bool:
+    """Refuse to mix two runs in one folder. Returns True when resuming."""
+    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if cfg.resume:
+        if find_complete(run_dir / "checkpoints" / "last") is None:
+            if holds_run:
+                raise UserError(f"cannot resume: {run_dir}/checkpoints/last is missing or incomplete")
+            log.info("resume: no checkpoint in %s yet, starting fresh", run_dir)
+            return False
+        return True
+    if holds_run:
+        if not cfg.overwrite:
+            raise UserError(f"{run_dir} already holds a run: pass resume=true to continue it or overwrite=true to replace it")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return False
+
+
+class Loop:
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+
+    # -- setup ---------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        resuming = prepare_run_dir(cfg, self.run_dir)
+        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+        set_seed(cfg.seed)
+        self.is_main = self.accelerator.is_main_process
+        self.metric = metric_from_config(cfg.metric)
+        self.eval_metric = metric_from_config(cfg.metric, level="corpus")
+
+        train_ds = load_split(cfg.data, "train")
+        self.val_ds = load_split(cfg.data, "validation") if cfg.data.validation_file else None
+        if resuming:  # the run's own last checkpoint replaces model.* / init_from
+            last = find_complete(self.ckpt_dir / "last")
+            model, tokenizer, meta = load_checkpoint(str(last))
+            self.source_prefix = meta.get("source_prefix", "")
+        else:
+            model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
+        self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
+        log.info("model: %s, %.1f M parameters", type(model).__name__, num_parameters(model) / 1e6)
+        self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
+        self.collate = Collator(tokenizer, model)
+        self.phases = make_phases(cfg.trainer)
+        self.total_steps = self.phases[-1].last_step
+        self.logger = MetricsLog(self.run_dir, cfg.tensorboard, self.is_main)
+        self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0}
+        self.resume_from = find_complete(self.ckpt_dir / "last") if resuming else None
+
+    def _setup_phase(self, phase: Phase):
+        tcfg = phase.trainer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+        model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        rule = build_rule(tcfg.name, cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
+                          accelerator=self.accelerator, seed=self.cfg.seed)
+        rule.optimizer = optimizer  # rules that centre proposals on the optimizer's next step read it
+        stream = BatchStream(self.train_ds, tcfg.batch_size, self.cfg.seed,
+                             self.accelerator.process_index, self.accelerator.num_processes)
+        return model, optimizer, scheduler, rule, stream
+
+    # -- evaluation ----------------------------------------------------------
+    def evaluate(self, step: int, phase: Phase) -> float | None:
+        if self.val_ds is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        t0 = time.perf_counter()
+        hyps = translate(model, self.tokenizer, self.val_ds["source"], self.cfg.decode,
+                         source_prefix=self.source_prefix, max_source_length=self.cfg.data.max_source_length,
+                         progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
+        result = self.eval_metric.corpus_score(hyps, self.val_ds["references"])
+        score = result["score"]
+        self.logger.write({
+            "step": step, "split": "validation", "phase": phase.name, "metric": self.eval_metric.name,
+            "score": score, **{k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "score"},
+            "n": len(hyps), "decode_s": time.perf_counter() - t0,
+            "elapsed_s": self._elapsed(), "train_s": self.state["train_s"],
+        })
+        log.info("step %d validation %s %.2f", step, self.eval_metric.name, score)
+        self.state["last_eval_step"], self.state["last_score"] = step, score
+        if self.state["best_score"] is None or score > self.state["best_score"]:
+            self.state["best_score"] = score
+            self.state["best_step"] = step
+            self.save("best")
+        return score
+
+    # -- checkpoints -----------------------------------------------------------
+    def meta(self) -> dict:
+        return {"source_prefix": self.source_prefix, "data": self.cfg.data.name, "trainer": self.cfg.trainer.name,
+                "step": self.state["step"], "metric": self.eval_metric.name, "best_score": self.state["best_score"]}
+
+    def save(self, name: str, optimizer=None, scheduler=None) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = dict(self.state, elapsed_s=self._elapsed())
+            save_checkpoint(self.ckpt_dir / name, self.accelerator.unwrap_model(self.model), self.tokenizer,
+                            self.meta(), state=state, optimizer=optimizer, scheduler=scheduler)
+        self.accelerator.wait_for_everyone()
+
+    def _elapsed(self) -> float:
+        return self.state["elapsed_s"] + time.perf_counter() - self._t_start
+
+    # -- training ---------------------------------------------------------------
+    def train(self) -> dict:
+        self._t_start = time.perf_counter()
+        interrupt = Interrupt()
+        if self.resume_from is not None:
+            self.state = json.loads((self.resume_from / "trainer_state.json").read_text())
+            log.info("resuming %s at step %d", self.run_dir, self.state["step"])
+        summary = {"run_dir": str(self.run_dir), "phases": []}
+        for phase in self.phases:
+            if self.state["step"] >= phase.last_step:
+                continue
+            model, optimizer, scheduler, rule, stream = self._setup_phase(phase)
+            if self.resume_from is not None:
+                same_phase = self.state.get("phase") == phase.name
+                load_training_state(self.resume_from, optimizer if same_phase else None,
+                                    scheduler if same_phase else None)
+                self.resume_from = None
+            self.state["phase"] = phase.name
+            at_start = self.state["step"] == phase.first_step
+            if at_start and phase.name == "main" and phase.first_step > 0:
+                self.save("warm_start")  # the common starting point for comparing rules (init_from=...)
+            if at_start:
+                if self.state.get("last_eval_step") != self.state["step"]:
+                    self.evaluate(self.state["step"], phase)
+                self.state.setdefault("phase_start_scores", {})[phase.name] = self.state.get("last_score")
+            self._run_phase(phase, model, optimizer, scheduler, rule, stream, interrupt)
+            if self.state.get("last_eval_step") != self.state["step"]:
+                self.evaluate(self.state["step"], phase)
+            self.save("last", optimizer, scheduler)
+            summary["phases"].append({
+                "phase": phase.name, "trainer": phase.trainer.name, "steps": phase.steps,
+                "start_score": self.state.get("phase_start_scores", {}).get(phase.name),
+                "end_score": self.state.get("last_score"),
+            })
+        summary["best_score"] = self.state["best_score"]
+        summary["elapsed_s"] = self._elapsed()
+        return summary
+
+    def _run_phase(self, phase, model, optimizer, scheduler, rule, stream, interrupt) -> None:
+        tcfg = phase.trainer
+        window: dict[str, list[float]] = {}
+        bad_in_a_row = 0
+        bar = tqdm(total=phase.last_step, initial=self.state["step"], desc=phase.name,
+                   disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True)
+        while self.state["step"] < phase.last_step:
+            step = self.state["step"]
+            t0 = time.perf_counter()
+            local = step - phase.first_step
+            rows = self.train_ds[stream.indices(local)]
+            batch = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in self.collate(rows).items()}
+            optimizer.zero_grad(set_to_none=True)
+            model.train()
+            stats = rule.step(batch, step)
+            params = [p for p in model.parameters() if p.grad is not None]
+            max_norm = tcfg.max_grad_norm if (rule.clip_in_loop and tcfg.max_grad_norm > 0) else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+            finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in stats.values())
+            if finite:
+                rule.apply(optimizer)
+                scheduler.step()
+                bad_in_a_row = 0
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                self.state["bad_steps_total"] += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
+                if bad_in_a_row >= tcfg.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} non-finite steps in a row at step {step}; the last good checkpoint is "
+                        f"{self.ckpt_dir / 'last'}: lower trainer.lr or raise trainer.max_bad_steps")
+            self.state["step"] = step + 1
+            self.state["train_s"] += time.perf_counter() - t0
+            for k, v in dict(stats, grad_norm=grad_norm, step_s=time.perf_counter() - t0).items():
+                window.setdefault(k, []).append(v)
+            bar.update(1)
+            done = self.state["step"]
+            if done % tcfg.log_every == 0 or done == phase.last_step:
+                means = {k: sum(v) / len(v) for k, v in window.items() if all(math.isfinite(x) for x in v)}
+                self.logger.write({"step": done, "split": "train", "phase": phase.name, "trainer": tcfg.name,
+                                   "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch(local + 1),
+                                   **means, "elapsed_s": self._elapsed(), "train_s": self.state["train_s"]})
+                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}")
+                window = {}
+            if (done - phase.first_step) % tcfg.eval_every == 0:
+                self.evaluate(done, phase)
+            if done % tcfg.save_every == 0 and done < phase.last_step:
+                self.save("last", optimizer, scheduler)
+            if interrupt.signum is not None:
+                self.save("last", optimizer, scheduler)
+                bar.close()
+                log.warning("signal %d: saved %s at step %d; continue with resume=true",
+                            interrupt.signum, self.ckpt_dir / "last", done)
+                raise SystemExit(INTERRUPTED_EXIT)
+        bar.close()

@@ -1,0 +1,166 @@
+"""Models and tokenizers: the embedded tiny Marian, any hub/local seq2seq model, saved checkpoints.
+
+tiny_marian trains a shared byte-level BPE tokenizer on the training split (source and
+target) with `tokenizers`, cached under <cache_dir>/tokenizers/<data fingerprint>, so it is
+trained once per dataset and vocabulary size, then builds a MarianMTModel from a small config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedTokenizerFast,
+)
+
+from mleps.data import data_path
+from mleps.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: invalidates caches
+MLEPS_META = "mleps.json"  # beside a checkpoint's weights: source prefix and provenance
+
+
+def cache_dir(cfg_cache_dir: str | None = None) -> Path:
+    root = cfg_cache_dir or os.environ.get("MLEPS_CACHE_DIR") or Path.home() / ".cache" / "mleps"
+    return Path(root)
+
+
+def load_model_and_tokenizer(cfg, train_ds=None):
+    """(model, tokenizer, source_prefix) for cfg.model, or for cfg.init_from when set."""
+    if cfg.init_from:
+        model, tokenizer, meta = load_checkpoint(cfg.init_from, trust_remote_code=cfg.model.trust_remote_code)
+        prefix = meta.get("source_prefix", cfg.model.source_prefix)
+        return model, tokenizer, prefix
+    if cfg.model.name == "tiny_marian":
+        if train_ds is None:
+            raise ValueError("tiny_marian needs the training split to train its tokenizer")
+        tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir))
+        return tiny_marian(cfg.model, tokenizer), tokenizer, cfg.model.source_prefix
+    if cfg.model.name == "hf":
+        return (*from_pretrained(cfg.model.name_or_path, cfg.model.trust_remote_code), cfg.model.source_prefix)
+    raise UserError(f"unknown model '{cfg.model.name}': use model=tiny_marian or model=hf model.name_or_path=NAME")
+
+
+def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path) -> PreTrainedTokenizerFast:
+    """A shared source+target byte-level BPE, trained once per (training data, vocab size)."""
+    key = hashlib.sha256(json.dumps([
+        TOKENIZER_RECIPE, vocab_size, _file_digest(data_path(data_cfg.train_file)),
+        data_cfg.source_column, data_cfg.target_column, data_cfg.max_train_examples,
+    ]).encode()).hexdigest()[:16]
+    folder = root / "tokenizers" / f"{data_cfg.name}-{vocab_size}-{key}"
+    if (folder / "tokenizer.json").is_file():
+        log.info("tokenizer: reusing %s", folder)
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    log.info("tokenizer: training a %d-token BPE on %d pairs", vocab_size, len(train_ds))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<unk>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+
+    def texts():
+        for batch in train_ds.iter(batch_size=1000):
+            yield from batch["source"]
+            yield from batch["target"]
+
+    tok.train_from_iterator(texts(), trainer, length=2 * len(train_ds))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first; its tokenizer is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tiny_marian(model_cfg, tokenizer) -> MarianMTModel:
+    config = MarianConfig(
+        vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer),
+        d_model=model_cfg.d_model, encoder_layers=model_cfg.layers, decoder_layers=model_cfg.layers,
+        encoder_attention_heads=model_cfg.heads, decoder_attention_heads=model_cfg.heads,
+        encoder_ffn_dim=model_cfg.ffn_dim, decoder_ffn_dim=model_cfg.ffn_dim,
+        dropout=model_cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=512, scale_embedding=True,
+        share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=None,
+    )
+    model = MarianMTModel(config)
+    model.generation_config.max_length = None
+    model.generation_config.bad_words_ids = None
+    return model
+
+
+def from_pretrained(name_or_path: str, trust_remote_code: bool = False):
+    """Hub name or local folder. Weights are only read from safetensors files."""
+    if not name_or_path:
+        raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as e:
+        raise UserError(f"could not load model '{name_or_path}': {str(e).splitlines()[0][:300]}") from None
+    _check_vocab(model, tokenizer, name_or_path)
+    return model, tokenizer
+
+
+def load_checkpoint(path: str, trust_remote_code: bool = False):
+    """(model, tokenizer, mleps metadata) from a folder written by `save_pretrained`."""
+    folder = data_path(path)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint not found: {folder}")
+    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+    if not (folder / "config.json").is_file() or not has_weights:
+        raise UserError(
+            f"{folder} holds no model files (config.json + *.safetensors): "
+            f"pass a checkpoint folder written by mleps.train, e.g. RUN/checkpoints/last"
+        )
+    model, tokenizer = from_pretrained(str(folder), trust_remote_code)
+    meta_file = folder / MLEPS_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return model, tokenizer, meta
+
+
+def _check_vocab(model, tokenizer, where) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UserError(
+            f"tokenizer of {where} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            f"use the tokenizer saved with this model"
+        )
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,414 @@
+"""Importance-sampled parameter search: the update of MLE-guided parameter search.
+
+Welleck & Cho, "MLE-guided parameter search for task loss minimization in
+neural sequence modeling", AAAI 2021 (arXiv 2006.03158).  The next update is
+the mean of
+
+    p(Δθ | θ) ∝ exp(-[l(θ + Δθ) - l(θ)] / α),
+
+estimated by self-normalised importance sampling from a proposal q that may be
+centred on the gradient step of a differentiable surrogate l̃.
+
+Symbols and the names that hold them
+------------------------------------
+    θ           params            list of tensors (the current parameters)
+    Δθ          delta             displacement to ADD to θ (not a gradient)
+    l           task_loss         callable: list of tensors -> float
+    ∇l̃          guide             surrogate gradient, list of tensors like params
+    K           num_samples
+    α, β = 1/α  temperature, beta
+    λ           mixture_weight    share of the zero-centred component
+    σ           noise_scale       per tensor σ_j = σ, or σ·mean|guide_j| ("relative")
+    η           guide_scale       guided centre μ = -η ∇l̃
+    c_k         Sample.component  0 = zero-centred, 1 = guided
+    z_k         standard noise;   Δ_k = c_k μ + σ z_k  (σ z_k means σ_j z_kj per tensor)
+    w_k         log_weights       normalised: log w_k = -(l_k - l_0)/α - log q(Δ_k) + const
+
+The update is Δθ* = Σ_k w_k Δ_k.
+
+High level
+----------
+    delta, info = estimate_update(params, task_loss, guide, config, generator)
+
+Low level (for a trainer that perturbs a live model in place)
+-------------------------------------------------------------
+    samples = draw_samples(config, generator)          # K x (perturbation_seed, component)
+    backup = [p.detach().clone() for p in params]
+    stats, losses = [], []
+    for sample in samples:
+        stats.append(apply_perturbation_(params, guide, config, sample))
+        losses.append(evaluate())                       # e.g. decode a batch, score it
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)                              # bit-exact restore
+    log_weights, info = importance_weights(config, samples, losses, base_loss, stats)
+    update_norm = write_update_(grads, guide, config, samples, log_weights)
+
+``write_update_`` may write into the very tensors that hold ``guide`` (the
+``.grad`` buffers).  To hand the result to an optimizer that *descends*, negate
+it (``grad = -delta``), as the MGS reference code does.
+
+Noise for tensor j of sample k is a function of (perturbation_seed, j) and the
+tensor's device alone, so Δ_k is never stored: it is regenerated tensor by tensor
+(see ``regenerate_noise``).  Peak extra memory is one tensor's worth of noise
+plus an accumulator, on top of whatever the caller keeps.  Noise is drawn in
+float32 on the tensor's device and cast to the tensor's dtype when applied;
+the same seed gives different numbers on CPU and CUDA, so apply and write on
+the same device.
+
+Proposal densities (``SearchConfig.density``)
+---------------------------------------------
+"fixed_norm" (default)  each z_j is rescaled to ‖z_j‖ = √n_j exactly, so Δ_k lies
+    on a (product of) sphere(s) of radius σ_j√n_j around its centre, 0 or μ.
+    Relative to surface measure both components have the same constant density,
+    so log q(Δ_k) = log(share of component c_k).  The estimator is then exact
+    self-normalised importance sampling of p restricted to those shells: the
+    constrained (‖Δθ‖ = ε) view of the paper's first-order derivation.
+"exact"  Gaussian z and the exact density of λ N(0, Σ) + (1-λ) N(μ, Σ),
+    Σ = diag σ_j²:  log q = -‖z‖²/2 + logsumexp(log λ - a0/2, log(1-λ) - a1/2),
+    a0, a1 the Mahalanobis distances minus ‖z‖² (for c = 0: a0 = 0,
+    a1 = ‖m‖² - 2 z·m; for c = 1: a0 = ‖m‖² + 2 z·m, a1 = 0; m = μ/σ).
+    Consistent for E_p[Δθ] whenever p is proper, but the -‖z‖²/2 term has standard
+    deviation √(d/2) and collapses the weights onto one sample once d is large
+    (docs/sampling-view.md has the measurement).
+"mgs_reference"  what wellecks/mgs seq_level/gpt2/guided/utils.py (``perturb``)
+    computes: Gaussian z, and the density of the two-component mixture with
+    *unit* variance in raw parameter units, log(λ e^{-‖Δ‖²/2} + (1-λ) e^{-‖Δ-μ‖²/2}),
+    whatever σ and the noise mode are and whatever the proposal is (the
+    reference hard-codes λ = 0.5, η = 1 and alternates components; here λ, η
+    come from the config and the log is taken stably with logsumexp).
+"none"  log q = 0: the proposal acts as a prior and the weights are the
+    Boltzmann factors alone.
+
+Mixture components are stratified by default (exactly round(λK) zero-centred
+samples, as the reference's alternation does); the density then uses the
+realised share n_0/K, the balance heuristic of multiple importance sampling.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+PROPOSALS = ("zero", "guided", "mixture")
+DENSITIES = ("fixed_norm", "exact", "mgs_reference", "none")
+NOISE_MODES = ("relative", "constant")
+DEFAULT_TEMPERATURE = 0.01  # the MGS reference default β = 100
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SearchConfig:
+    """Hyper-parameters of one importance-sampled update (symbols in the module docstring)."""
+
+    num_samples: int = 4
+    density: str = "fixed_norm"
+    temperature: Optional[float] = None  # α; None means DEFAULT_TEMPERATURE or 1/beta
+    beta: Optional[float] = None  # β = 1/α, the MGS paper's parametrisation
+    proposal: str = "mixture"
+    mixture_weight: float = 0.5
+    noise_scale: float = 1.0
+    noise_mode: str = "relative"
+    guide_scale: float = 1.0
+    stratify_components: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
+        for name, allowed in (("density", DENSITIES), ("proposal", PROPOSALS), ("noise_mode", NOISE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise ValueError(f"noise_scale must be finite and > 0, got {self.noise_scale!r}")
+        if not (0.0 <= self.mixture_weight <= 1.0):
+            raise ValueError(f"mixture_weight must be in [0, 1], got {self.mixture_weight!r}")
+        if not math.isfinite(self.guide_scale):
+            raise ValueError(f"guide_scale must be finite, got {self.guide_scale!r}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be finite and > 0, got {self.beta!r}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature!r}")
+        if self.temperature is None:
+            self.temperature = DEFAULT_TEMPERATURE if self.beta is None else 1.0 / self.beta
+        elif self.beta is not None and not math.isclose(self.temperature * self.beta, 1.0, rel_tol=1e-9):
+            raise ValueError(
+                f"temperature ({self.temperature}) and beta ({self.beta}) disagree: beta must be 1/temperature;"
+                " set only one of them"
+            )
+
+    @property
+    def needs_guide(self) -> bool:
+        return self.proposal != "zero" or self.noise_mode == "relative" or self.density == "mgs_reference"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One perturbation: its noise is a function of ``perturbation_seed`` alone."""
+
+    perturbation_seed: int
+    component: int  # 0 = zero-centred, 1 = guided
+
+
+@dataclass(frozen=True)
+class PerturbationStats:
+    """Scalars of one Δ_k that the proposal densities need (m = μ/σ per tensor)."""
+
+    noise_sq_norm: float  # ‖z‖²
+    noise_dot_scaled_mean: float  # z·m
+    scaled_mean_sq_norm: float  # ‖m‖²
+    delta_sq_norm: float  # ‖Δ‖², raw parameter units
+    delta_dot_mean: float  # Δ·μ
+    mean_sq_norm: float  # ‖μ‖²
+
+    @property
+    def delta_norm(self) -> float:
+        return math.sqrt(self.delta_sq_norm)
+
+
+def draw_samples(config: SearchConfig, generator: Optional[torch.Generator] = None) -> List[Sample]:
+    """K seeds and components; deterministic given ``generator``'s state (global RNG if None)."""
+    count = config.num_samples
+    seeds = torch.randint(0, 2**63 - 1, (count,), generator=generator, dtype=torch.int64).tolist()
+    if config.proposal == "zero":
+        components = [0] * count
+    elif config.proposal == "guided":
+        components = [1] * count
+    elif config.stratify_components:
+        zero_count = _stratified_zero_count(config)
+        components = [0] * zero_count + [1] * (count - zero_count)
+    else:
+        draws = torch.rand(count, generator=generator, dtype=torch.float64)
+        components = (draws >= config.mixture_weight).long().tolist()
+    return [Sample(seed, component) for seed, component in zip(seeds, components)]
+
+
+def regenerate_noise(sample: Sample, tensor_index: int, like: torch.Tensor, config: SearchConfig) -> torch.Tensor:
+    """Standard noise z for tensor ``tensor_index`` of ``sample``: float32, on ``like``'s device."""
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(_mix_seed(sample.perturbation_seed, tensor_index))
+    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    if config.density == "fixed_norm" and noise.numel() > 0:
+        noise.mul_(math.sqrt(noise.numel()) / noise.norm())
+    return noise
+
+
+def apply_perturbation_(
+    params: Sequence[torch.Tensor],
+    guide: Optional[Sequence[torch.Tensor]],
+    config: SearchConfig,
+    sample: Sample,
+) -> PerturbationStats:
+    """θ ← θ + Δ_k in place, tensor by tensor.  Restore θ from a backup copy afterwards."""
+    _check_guide(params, guide, config)
+    sums = torch.zeros(6, dtype=torch.float64)
+    with torch.no_grad():
+        for index, param in enumerate(params):
+            noise_scale = _noise_scale(config, guide, index)
+            if noise_scale == 0.0:  # relative mode, all-zero guide tensor: μ_j = 0 and no noise
+                continue
+            noise = regenerate_noise(sample, index, param, config)
+            delta = noise * noise_scale
+            mean = _guided_mean(config, guide, index)
+            if mean is None:
+                mean = torch.zeros_like(noise)
+            if sample.component == 1:
+                delta.add_(mean)
+            param.add_(delta.to(param.dtype))
+            noise_dot_mean = torch.dot(noise.flatten(), mean.flatten())
+            mean_sq_norm = mean.square().sum()
+            sums += torch.stack([
+                noise.square().sum(),
+                noise_dot_mean / noise_scale,
+                mean_sq_norm / noise_scale**2,
+                delta.square().sum(),
+                torch.dot(delta.flatten(), mean.flatten()),
+                mean_sq_norm,
+            ]).double().cpu()
+    return PerturbationStats(*sums.tolist())
+
+
+def importance_weights(
+    config: SearchConfig,
+    samples: Sequence[Sample],
+    losses: Sequence[float],
+    base_loss: float,
+    stats: Sequence[PerturbationStats],
+) -> Tuple[torch.Tensor, dict]:
+    """Normalised float64 log-weights (K,) from losses l(θ+Δ_k) and l(θ), plus diagnostics."""
+    if not (len(samples) == len(losses) == len(stats)) or not samples:
+        raise ValueError(f"need equally many samples, losses and stats (>0), got {len(samples)}, {len(losses)}, {len(stats)}")
+    losses = torch.tensor([float(loss) for loss in losses], dtype=torch.float64)
+    base_loss = float(base_loss)
+    if not math.isfinite(base_loss):
+        raise ValueError(f"base_loss must be finite, got {base_loss}")
+    if torch.isnan(losses).any():
+        raise ValueError(f"losses contain NaN: {losses.tolist()}")
+    zero_share = _density_zero_share(config)
+    log_density = torch.tensor(
+        [_log_proposal_density(config, s, st, zero_share) for s, st in zip(samples, stats)], dtype=torch.float64
+    )
+    # Subtract first, then divide: the difference is what α scales, and it keeps
+    # losses 1e4/α apart finite before the logsumexp.
+    log_unnormalised = -(losses - base_loss) / config.temperature - log_density
+    if torch.isneginf(log_unnormalised).all():
+        raise ValueError("every perturbed loss is +inf: no sample carries weight")
+    log_weights = log_unnormalised - torch.logsumexp(log_unnormalised, 0)
+    weights = log_weights.exp()
+    components = torch.tensor([s.component for s in samples], dtype=torch.long)
+    info = {
+        "losses": losses,
+        "base_loss": base_loss,
+        "log_weights": log_weights,
+        "log_proposal_density": log_density,
+        "components": components,
+        "ess": float(torch.exp(-torch.logsumexp(2 * log_weights, 0))),
+        "weight_entropy": float(-(weights * log_weights).nan_to_num(0.0).sum()),
+        "guided_weight": float(weights[components == 1].sum()),
+        "noise_norm": sum(st.delta_norm for st in stats) / len(stats),
+    }
+    return log_weights, info
+
+
+def write_update_(
+    out: Sequence[torch.Tensor],
+    guide: Optional[Sequence[torch.Tensor]],
+    config: SearchConfig,
+    samples: Sequence[Sample],
+    log_weights: torch.Tensor,
+) -> float:
+    """out[j] ← Σ_k w_k Δ_kj by regeneration; ``out`` may alias ``guide``.  Returns ‖Δθ*‖."""
+    _check_guide(out, guide, config)
+    weights = log_weights.exp().tolist()
+    guided_weight = sum(w for w, s in zip(weights, samples) if s.component == 1)
+    sq_norm = 0.0
+    with torch.no_grad():
+        for index, target in enumerate(out):
+            # Read σ_j and μ_j before target[j] is overwritten: target may be guide[j].
+            noise_scale = _noise_scale(config, guide, index)
+            mean = _guided_mean(config, guide, index)
+            total = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+            if mean is not None and guided_weight != 0.0:
+                total.add_(mean, alpha=guided_weight)
+            if noise_scale != 0.0:
+                for weight, sample in zip(weights, samples):
+                    if weight != 0.0:
+                        total.add_(regenerate_noise(sample, index, target, config), alpha=weight * noise_scale)
+            target.copy_(total)
+            sq_norm += float(total.double().square().sum())
+    return math.sqrt(sq_norm)
+
+
+def estimate_update(
+    params: Sequence[torch.Tensor],
+    task_loss: Callable[[List[torch.Tensor]], float],
+    guide: Optional[Sequence[torch.Tensor]] = None,
+    config: Optional[SearchConfig] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[List[torch.Tensor], dict]:
+    """Δθ* ≈ E_p[Δθ] from K evaluations of ``task_loss``; returns (delta, info).
+
+    ``delta`` is a displacement to ADD to θ.  ``params`` are not modified;
+    ``task_loss`` receives a working copy that is perturbed in place and reused,
+    so it must not keep a reference to it.
+    """
+    config = SearchConfig() if config is None else config
+    params = list(params)
+    guide = None if guide is None else list(guide)
+    _check_guide(params, guide, config)
+    with torch.no_grad():
+        perturbed = [p.detach().clone() for p in params]
+    base_loss = float(task_loss(perturbed))
+    samples = draw_samples(config, generator)
+    losses, stats = [], []
+    for sample in samples:
+        stats.append(apply_perturbation_(perturbed, guide, config, sample))
+        losses.append(float(task_loss(perturbed)))
+        with torch.no_grad():
+            for work, original in zip(perturbed, params):
+                work.copy_(original)
+    log_weights, info = importance_weights(config, samples, losses, base_loss, stats)
+    delta = perturbed  # reuse the working copy as the output buffer: O(d) extra memory, not O(2d)
+    info["update_norm"] = write_update_(delta, guide, config, samples, log_weights)
+    return delta, info
+
+
+def _check_guide(params, guide, config: SearchConfig) -> None:
+    if guide is None:
+        if config.needs_guide:
+            raise ValueError(
+                f"proposal={config.proposal!r}, noise_mode={config.noise_mode!r}, density={config.density!r} need a"
+                " guide (surrogate gradient); pass guide=... or use proposal='zero', noise_mode='constant'"
+            )
+        return
+    if len(guide) != len(params) or any(g.shape != p.shape for g, p in zip(guide, params)):
+        raise ValueError("guide must be a list of tensors shaped like params")
+
+
+def _noise_scale(config: SearchConfig, guide, index: int) -> float:
+    if config.noise_mode == "constant":
+        return config.noise_scale
+    return config.noise_scale * float(guide[index].detach().abs().float().mean())
+
+
+def _guided_mean(config: SearchConfig, guide, index: int) -> Optional[torch.Tensor]:
+    if guide is None:
+        return None
+    return guide[index].detach().float() * (-config.guide_scale)
+
+
+def _stratified_zero_count(config: SearchConfig) -> int:
+    return int(math.floor(config.mixture_weight * config.num_samples + 0.5))
+
+
+def _density_zero_share(config: SearchConfig) -> float:
+    """λ as the density sees it: the realised share when components are stratified."""
+    if config.proposal == "zero":
+        return 1.0
+    if config.proposal == "guided":
+        return 0.0
+    if config.stratify_components:
+        return _stratified_zero_count(config) / config.num_samples
+    return config.mixture_weight
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _logaddexp(a: float, b: float) -> float:
+    high = max(a, b)
+    if high == -math.inf:
+        return -math.inf
+    return high + math.log(math.exp(a - high) + math.exp(b - high))
+
+
+def _log_proposal_density(config: SearchConfig, sample: Sample, stats: PerturbationStats, zero_share: float) -> float:
+    """log q(Δ_k) up to a constant shared by all samples."""
+    if config.density == "none":
+        return 0.0
+    if config.density == "fixed_norm":
+        return _log(zero_share if sample.component == 0 else 1.0 - zero_share)
+    if config.density == "mgs_reference":
+        dist_zero = stats.delta_sq_norm
+        dist_guided = stats.delta_sq_norm - 2.0 * stats.delta_dot_mean + stats.mean_sq_norm
+        share = config.mixture_weight
+        return _logaddexp(_log(share) - dist_zero / 2.0, _log(1.0 - share) - dist_guided / 2.0)
+    radial = -stats.noise_sq_norm / 2.0
+    if zero_share in (0.0, 1.0):
+        return radial
+    cross, scaled_mean_sq = stats.noise_dot_scaled_mean, stats.scaled_mean_sq_norm
+    if sample.component == 0:
+        excess_zero, excess_guided = 0.0, scaled_mean_sq - 2.0 * cross
+    else:
+        excess_zero, excess_guided = scaled_mean_sq + 2.0 * cross, 0.0
+    return radial + _logaddexp(_log(zero_share) - excess_zero / 2.0, _log(1.0 - zero_share) - excess_guided / 2.0)
+
+
+def _mix_seed(perturbation_seed: int, tensor_index: int) -> int:
+    """splitmix64 of (seed, index): decorrelated 63-bit seeds, one per tensor."""
+    mixed = (perturbation_seed + (tensor_index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (mixed ^ (mixed >> 31)) >> 1

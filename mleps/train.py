@@ -1,0 +1,61 @@
+"""python -m mleps.train [group=option ...] [key=value ...]
+
+With no overrides: an MLE warm start of tiny_marian on Multi30k de->en, then MLE-guided
+parameter search on corpus BLEU. Prints validation scores at each phase's start and end and
+writes metrics.jsonl, checkpoints/{last,best,warm_start} and validation.png in the run dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from mleps.config import register_configs
+from mleps.errors import exit_on_user_error
+
+log = logging.getLogger("mleps")
+register_configs()
+
+
+def _run_dir(output_dir, resume, default):
+    """output_dir if set, else the run dir named by resume=PATH, else Hydra's dated folder."""
+    if output_dir:
+        return output_dir
+    return resume if isinstance(resume, str) and resume.lower() not in ("true", "false") else default
+
+
+OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+
+
+def summary_table(summary: dict, metric: str) -> str:
+    lines = [f"{'phase':<12}{'trainer':<9}{'steps':>7}{'start ' + metric:>14}{'end ' + metric:>14}"]
+    for p in summary["phases"]:
+        fmt = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+        lines.append(f"{p['phase']:<12}{p['trainer']:<9}{p['steps']:>7}{fmt(p['start_score']):>14}{fmt(p['end_score']):>14}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@exit_on_user_error
+def main(cfg) -> None:
+    from mleps.loop import Loop
+    from mleps.plotting import plot_run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    loop = Loop(cfg, run_dir)
+    loop.setup()
+    summary = loop.train()
+    if loop.is_main:
+        plot = plot_run(run_dir / "metrics.jsonl", run_dir / "validation.png")
+        print(f"\nvalidation {loop.eval_metric.name} ({len(loop.val_ds or [])} sentences)")
+        print(summary_table(summary, loop.eval_metric.name))
+        print(f"run dir: {run_dir}" + (f"   plot: {plot}" if plot else ""))
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
