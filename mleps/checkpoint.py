@@ -3,11 +3,13 @@
 A checkpoint folder holds `save_pretrained` output (config.json, model.safetensors, the
 tokenizer), `mleps.json` (source prefix, provenance) and, for resuming, `trainer_state.json`
 (written last: its presence marks a complete folder), `optimizer.pt`/`scheduler.pt`
-(tensors only, read with `weights_only=True`) and `rng.pt`. Nothing is ever unpickled.
+(tensors only, read with `weights_only=True`) and `rng.pt` (likewise). Nothing is ever unpickled.
 
-Saving writes a temporary sibling folder, then renames: the old folder is moved aside, the
-new one moved in, and only then is the old one deleted. A kill at any moment leaves either
-the new folder, or the old one (possibly under its `.old` name, which `find_complete` reads).
+Saving writes a temporary sibling folder (`.NAME.tmp-PID`), flushes it to disk, then renames:
+the old folder is moved aside (`.NAME.old`), the new one moved in, and only then is the old
+one deleted. A kill at any moment leaves either the new folder or the old one, possibly
+under its `.old` name, which `find_complete` finds and puts back. A save that fails (disk
+full, permissions) leaves the old folder untouched and raises a one-line UserError.
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ _TEST_SAVE_DELAY = "MLEPS_TEST_SAVE_DELAY_S"  # tests kill the process while a s
 def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | None = None,
                     optimizer=None, scheduler=None) -> Path:
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MLEPS_META).write_text(json.dumps(meta, indent=2))
         if optimizer is not None:
@@ -49,55 +52,109 @@ def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | No
             time.sleep(float(os.environ[_TEST_SAVE_DELAY]))
         # Written last: a folder without it is incomplete.
         (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=2))
-    except BaseException:
+        _fsync_tree(tmp)  # the rename below must not reach the disk before the files do
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except (OSError, RuntimeError) as e:  # torch.save and safetensors report I/O errors as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        find_complete(folder)  # put the old folder back if it was already moved aside
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not write checkpoint {folder}: {reason} (the previous checkpoint is kept)") from None
+    except BaseException:  # KeyboardInterrupt etc.: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def find_complete(folder: Path) -> Path | None:
-    """The folder if complete, else its `.old` predecessor left by a save that was killed."""
+    """The folder if complete; else, if a save was killed between its two renames, the previous
+    folder (`.NAME.old`), which is moved back to its name first."""
     folder = Path(folder)
-    for candidate in (folder, folder.parent / f".{folder.name}.old"):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+    old = folder.parent / f".{folder.name}.old"
+    if (folder / STATE_FILE).is_file():
+        return folder
+    if (old / STATE_FILE).is_file():
+        if not folder.exists():
+            os.replace(old, folder)
+            return folder
+        return old
     return None
 
 
 def load_training_state(folder: Path, optimizer=None, scheduler=None) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the trainer state dict."""
-    state = json.loads((folder / STATE_FILE).read_text())
+    """Restore optimizer, scheduler and RNG states; return the trainer state dict.
+
+    Every file is required: resuming without one would silently not be the same run."""
+    def fail(path, e):
+        raise UserError(f"cannot resume: {path} is missing or unreadable ({type(e).__name__}); "
+                        f"start again with overwrite=true") from None
+
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        fail(path, e)
     for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
         if obj is not None:
             path = folder / name
-            if not path.is_file():
-                raise UserError(f"cannot resume: {path} is missing; start again with overwrite=true")
-            obj.load_state_dict(torch.load(path, weights_only=True))
-    rng_file = folder / "rng.pt"
+            try:
+                obj.load_state_dict(torch.load(path, weights_only=True))
+            except Exception as e:  # missing, truncated, or not tensors-only (weights_only refuses pickles)
+                fail(path, e)
+    path = folder / "rng.pt"
     try:
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(torch.load(path, weights_only=True))
     except Exception as e:
-        raise UserError(f"cannot resume: RNG state {rng_file} is missing or unreadable ({type(e).__name__}); "
-                        f"start again with overwrite=true") from None
+        fail(path, e)
     return state
 
 
 def _rng_state() -> dict:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python_version": py[0], "python_state": torch.tensor(py[1], dtype=torch.int64),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": np_state[2],
+    """Python, numpy and torch (CPU, and CUDA when present) generator states, as tensors and numbers."""
+    version, internal, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python_version": version, "python_state": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": float("nan") if gauss_next is None else gauss_next,
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached_gauss),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(s: dict) -> None:
-    random.setstate((s["python_version"], tuple(int(x) for x in s["python_state"]), None))
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(s["numpy_pos"]), 0, 0.0))
+    gauss = s.get("python_gauss", float("nan"))
+    random.setstate((s["python_version"], tuple(int(x) for x in s["python_state"]), None if gauss != gauss else gauss))
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(s["numpy_pos"]),
+                         int(s.get("numpy_has_gauss", 0)), float(s.get("numpy_gauss", 0.0))))
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])

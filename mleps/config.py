@@ -97,15 +97,16 @@ class MGSConfig(TrainerConfig):
     mixture_weight: float = 0.5  # lambda: share of zero-centred perturbations
     noise_scale: float = 1.0  # sigma (relative: times each tensor's mean |guide|)
     noise_mode: str = "relative"  # relative | constant
-    temperature: float = 1.0  # alpha, in units of the task loss (1 - metric/100)
-    beta: Optional[float] = None  # the MGS paper's 1/alpha; overrides temperature when set
-    density: str = "exact"  # proposal density in the importance weights (see docs/sampling-view.md)
-    guide: str = "scaled"  # scaled: mu = -guide_scale * g ; optimizer: mu = the optimizer's own next step
+    temperature: Optional[float] = 0.01  # alpha, in units of the task loss (1 - metric/100)
+    beta: Optional[float] = None  # the MGS paper's 1/alpha (100 there); set temperature=null to use it
+    density: str = "fixed_norm"  # proposal density in the importance weights (see docs/sampling-view.md)
+    guide: str = "optimizer"  # scaled: mu = -guide_scale * g ; optimizer: mu = the optimizer's own next step
     guide_scale: float = 1.0
     guide_max_norm: float = 1.0  # the guide gradient g is clipped to this norm first (0 = off)
     decode: str = "greedy"  # greedy | sample
+    max_new_tokens: int = 64
     perturb: str = "inplace"  # inplace | copy (deep copy per sample, the original code's way)
-    apply: str = "optimizer"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
+    apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
     sgd_scale: float = 1.0
 
 

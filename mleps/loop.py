@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -28,7 +29,7 @@ from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
 from mleps.config import MLEConfig
 from mleps.data import BatchStream, Collator, data_path, load_split, tokenize
 from mleps.decoding import translate
-from mleps.errors import INTERRUPTED_EXIT, TrainingDiverged, UserError
+from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
 from mleps.metrics_config import metric_from_config
 from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
 from mleps.trainers import build_rule
@@ -110,7 +111,9 @@ class MetricsLog:
 
 
 class Interrupt:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits
+    with INTERRUPTED_EXIT. A second signal acts at once (the default action): saves are atomic,
+    so checkpoints/last is still the previous complete one."""
 
     def __init__(self):
         self.signum = None
@@ -118,6 +121,9 @@ class Interrupt:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signum = signum
 
 
@@ -125,18 +131,36 @@ def prepare_run_dir(cfg, run_dir: Path) -> bool:
     """Refuse to mix two runs in one folder. Returns True when resuming."""
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if cfg.resume:
-        if find_complete(run_dir / "checkpoints" / "last") is None:
-            if holds_run:
-                raise UserError(f"cannot resume: {run_dir}/checkpoints/last is missing or incomplete")
+        last = find_complete(run_dir / "checkpoints" / "last")
+        if last is not None:
+            # Events logged after the checkpoint by the run that stopped are logged again by this one.
+            _truncate_metrics(run_dir / "metrics.jsonl", json.loads((last / "trainer_state.json").read_text())["step"])
+            return True
+        if holds_run:  # stopped before its first save: step 0 is its last checkpoint
+            log.warning("resume: %s has no complete checkpoints/last yet; starting it again from step 0", run_dir)
+        else:
             log.info("resume: no checkpoint in %s yet, starting fresh", run_dir)
-            return False
-        return True
-    if holds_run:
-        if not cfg.overwrite:
-            raise UserError(f"{run_dir} already holds a run: pass resume=true to continue it or overwrite=true to replace it")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    elif holds_run and not cfg.overwrite:
+        raise UserError(f"{run_dir} already holds a run: pass resume=true to continue it or overwrite=true to replace it")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+        keep.append(line)
+    if len(keep) < len(lines):
+        path.write_text("".join(keep))
 
 
 class Loop:
@@ -148,6 +172,7 @@ class Loop:
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        self.interrupt = Interrupt()  # from here on, SIGTERM/SIGINT stop at a step boundary
         resuming = prepare_run_dir(cfg, self.run_dir)
         self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
         set_seed(cfg.seed)
@@ -159,8 +184,13 @@ class Loop:
         self.val_ds = load_split(cfg.data, "validation") if cfg.data.validation_file else None
         if resuming:  # the run's own last checkpoint replaces model.* / init_from
             last = find_complete(self.ckpt_dir / "last")
-            model, tokenizer, meta = load_checkpoint(str(last))
+            model, tokenizer, meta = load_checkpoint(str(last), trust_remote_code=cfg.model.trust_remote_code)
             self.source_prefix = meta.get("source_prefix", "")
+            # from_pretrained makes every parameter trainable (e.g. Marian's sinusoidal positions):
+            # freeze again what the run froze, or the optimizer state would not fit the parameters.
+            frozen = set(meta.get("frozen_parameters", []))
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in frozen)
         else:
             model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
         self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
@@ -170,7 +200,8 @@ class Loop:
         self.phases = make_phases(cfg.trainer)
         self.total_steps = self.phases[-1].last_step
         self.logger = MetricsLog(self.run_dir, cfg.tensorboard, self.is_main)
-        self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0}
+        self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
+                      "bad_steps_in_a_row": 0}
         self.resume_from = find_complete(self.ckpt_dir / "last") if resuming else None
 
     def _setup_phase(self, phase: Phase):
@@ -214,11 +245,15 @@ class Loop:
     # -- checkpoints -----------------------------------------------------------
     def meta(self) -> dict:
         return {"source_prefix": self.source_prefix, "data": self.cfg.data.name, "trainer": self.cfg.trainer.name,
-                "step": self.state["step"], "metric": self.eval_metric.name, "best_score": self.state["best_score"]}
+                "step": self.state["step"], "metric": self.eval_metric.name, "best_score": self.state["best_score"],
+                "frozen_parameters": [n for n, p in self.model.named_parameters() if not p.requires_grad]}
 
     def save(self, name: str, optimizer=None, scheduler=None) -> None:
         self.accelerator.wait_for_everyone()
-        if self.is_main:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            # A finite step can still overflow a weight; never replace a good checkpoint with it.
+            log.warning("step %d: the model has non-finite weights; %s not saved", self.state["step"], name)
+        elif self.is_main:
             state = dict(self.state, elapsed_s=self._elapsed())
             save_checkpoint(self.ckpt_dir / name, self.accelerator.unwrap_model(self.model), self.tokenizer,
                             self.meta(), state=state, optimizer=optimizer, scheduler=scheduler)
@@ -230,13 +265,14 @@ class Loop:
     # -- training ---------------------------------------------------------------
     def train(self) -> dict:
         self._t_start = time.perf_counter()
-        interrupt = Interrupt()
+        interrupt = self.interrupt
         if self.resume_from is not None:
             self.state = json.loads((self.resume_from / "trainer_state.json").read_text())
             log.info("resuming %s at step %d", self.run_dir, self.state["step"])
         summary = {"run_dir": str(self.run_dir), "phases": []}
         for phase in self.phases:
-            if self.state["step"] >= phase.last_step:
+            if self.state["step"] >= phase.last_step:  # finished before a resume
+                summary["phases"].append(self._phase_summary(phase))
                 continue
             model, optimizer, scheduler, rule, stream = self._setup_phase(phase)
             if self.resume_from is not None:
@@ -255,20 +291,21 @@ class Loop:
             self._run_phase(phase, model, optimizer, scheduler, rule, stream, interrupt)
             if self.state.get("last_eval_step") != self.state["step"]:
                 self.evaluate(self.state["step"], phase)
+            self.state.setdefault("phase_end_scores", {})[phase.name] = self.state.get("last_score")
             self.save("last", optimizer, scheduler)
-            summary["phases"].append({
-                "phase": phase.name, "trainer": phase.trainer.name, "steps": phase.steps,
-                "start_score": self.state.get("phase_start_scores", {}).get(phase.name),
-                "end_score": self.state.get("last_score"),
-            })
+            summary["phases"].append(self._phase_summary(phase))
         summary["best_score"] = self.state["best_score"]
         summary["elapsed_s"] = self._elapsed()
         return summary
 
+    def _phase_summary(self, phase: Phase) -> dict:
+        return {"phase": phase.name, "trainer": phase.trainer.name, "steps": phase.steps,
+                "start_score": self.state.get("phase_start_scores", {}).get(phase.name),
+                "end_score": self.state.get("phase_end_scores", {}).get(phase.name, self.state.get("last_score"))}
+
     def _run_phase(self, phase, model, optimizer, scheduler, rule, stream, interrupt) -> None:
         tcfg = phase.trainer
         window: dict[str, list[float]] = {}
-        bad_in_a_row = 0
         bar = tqdm(total=phase.last_step, initial=self.state["step"], desc=phase.name,
                    disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True)
         while self.state["step"] < phase.last_step:
@@ -279,24 +316,20 @@ class Loop:
             batch = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in self.collate(rows).items()}
             optimizer.zero_grad(set_to_none=True)
             model.train()
+            # Randomness inside a step (dropout) is a function of (seed, step), like the batch: a resumed
+            # run does not depend on how much randomness setup, evaluation or saving happened to draw.
+            set_seed(self._step_seed(step))
             stats = rule.step(batch, step)
             params = [p for p in model.parameters() if p.grad is not None]
             max_norm = tcfg.max_grad_norm if (rule.clip_in_loop and tcfg.max_grad_norm > 0) else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-            finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in stats.values())
-            if finite:
+            if self._step_is_finite(stats, grad_norm):
                 rule.apply(optimizer)
                 scheduler.step()
-                bad_in_a_row = 0
-            else:
+                self.state["bad_steps_in_a_row"] = 0
+            else:  # skip: no update, no scheduler step; the step still counts (its batch is not retried)
                 optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row += 1
-                self.state["bad_steps_total"] += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
-                if bad_in_a_row >= tcfg.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_in_a_row} non-finite steps in a row at step {step}; the last good checkpoint is "
-                        f"{self.ckpt_dir / 'last'}: lower trainer.lr or raise trainer.max_bad_steps")
+                self._count_bad_step(step, tcfg.max_bad_steps)
             self.state["step"] = step + 1
             self.state["train_s"] += time.perf_counter() - t0
             for k, v in dict(stats, grad_norm=grad_norm, step_s=time.perf_counter() - t0).items():
@@ -321,3 +354,23 @@ class Loop:
                             interrupt.signum, self.ckpt_dir / "last", done)
                 raise SystemExit(INTERRUPTED_EXIT)
         bar.close()
+
+    def _step_seed(self, step: int) -> int:
+        return (self.cfg.seed * 1_000_003 + step * 7_919 + 29) % 2**32
+
+    @staticmethod
+    def _step_is_finite(stats: dict, grad_norm: float) -> bool:
+        """The loss (when the rule reports one) and the gradient norm; other statistics are diagnostics."""
+        loss = stats.get("loss", 0.0)
+        return math.isfinite(grad_norm) and (loss is None or math.isfinite(loss))
+
+    def _count_bad_step(self, step: int, max_bad_steps: int) -> None:
+        self.state["bad_steps_total"] += 1
+        in_a_row = self.state["bad_steps_in_a_row"] = self.state.get("bad_steps_in_a_row", 0) + 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, at most %d)",
+                    step, in_a_row, max_bad_steps)
+        if in_a_row >= max_bad_steps:
+            last = find_complete(self.ckpt_dir / "last")
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+            raise TrainingDiverged(f"{in_a_row} non-finite steps in a row (up to step {step}, exit code "
+                                   f"{BAD_STEPS_EXIT}); {where}: lower trainer.lr or raise trainer.max_bad_steps")

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  make demo  (the main job)   make test  (the test suite)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# On a CPU machine a bare `torch` requirement pulls a multi-GB CUDA build: install this first.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install data demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Links ../shared/datasets/* into data/ when that folder exists, else downloads the public copies.
+data: install
+	$(BIN)/python scripts/prepare_data.py
+
+demo: install data
+	$(BIN)/python -m mleps.train
+
+test: install data
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install data
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install data
+	$(BIN)/python scripts/bench_step.py
+
+clean:
+	rm -rf outputs runs .pytest_cache

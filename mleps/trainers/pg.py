@@ -1,0 +1,106 @@
+"""Policy gradient (REINFORCE, Williams 1992) on a sentence-level metric, in the sequence-level
+form of Ranzato et al. (2016) and Rennie et al. (2017).
+
+Per step, on one batch of B sources:
+  y_1..y_K ~ p_θ(·|x)   ancestral sampling (trainer.sample_temperature; no top-k/top-p)
+  r_k                   metric(y_k, refs) / 100
+  b_k                   trainer.baseline: loo   mean reward of the other K-1 samples of x
+                                          greedy  reward of the greedy output (self-critical)
+                                          none    0
+  loss                  -mean_k (r_k - b_k)·log p_θ(y_k|x) + trainer.mle_mix · cross-entropy
+
+Both baselines are independent of y_k given x, so the estimate stays unbiased; they only cut
+its variance. With sample_temperature != 1 the samples come from the tempered distribution
+while log p is the model's own: the usual practice, but then the gradient is biased.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mleps.decoding import generate, to_texts
+from mleps.errors import UserError
+from mleps.trainers.base import UpdateRule, token_cross_entropy
+from mleps.trainers.sequences import distinct_per_source, eos_ids, sample, sequence_log_probs, trim
+
+BASELINES = ("loo", "greedy", "none")
+
+
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """(B, K) rewards -> each sample's baseline: the mean reward of the other samples of its source."""
+    k = rewards.shape[1]
+    return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def standardize(advantages: torch.Tensor) -> torch.Tensor:
+    """Advantages scaled to unit root-mean-square over the batch (unit std for loo, whose advantages
+    sum to 0 per source): the step no longer depends on the metric's scale or spread. Not centred,
+    so the baseline keeps its meaning, and never divides a non-zero advantage by ~0."""
+    return advantages / (advantages.square().mean().sqrt() + 1e-8)
+
+
+def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """A surrogate whose gradient is the REINFORCE estimate -mean_n A_n ∇log p(y_n|x_n)."""
+    return -(advantages.detach() * log_probs).mean()
+
+
+class PolicyGradient(UpdateRule):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.cfg.baseline not in BASELINES:
+            raise UserError(f"trainer.baseline={self.cfg.baseline} is not one of: {', '.join(BASELINES)}")
+        if self.cfg.baseline == "loo" and self.cfg.num_samples < 2:
+            raise UserError("trainer.baseline=loo needs trainer.num_samples >= 2")
+        self.eos = eos_ids(self.unwrapped)
+
+    def step(self, batch: dict, step: int) -> dict[str, float]:
+        cfg, k = self.cfg, self.cfg.num_samples
+        refs = batch["references"]
+        num_sources = len(refs)
+
+        # -- sample K outputs per source (and the greedy output for the self-critical baseline)
+        t0 = time.perf_counter()
+        ids = sample(self.unwrapped, batch, num_samples=k, temperature=cfg.sample_temperature,
+                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step))
+        hyps = to_texts(self.tokenizer, ids)
+        if cfg.baseline == "greedy":
+            greedy = to_texts(self.tokenizer, generate(self.unwrapped, batch, max_new_tokens=cfg.max_new_tokens))
+        sample_s = time.perf_counter() - t0
+
+        # -- rewards, baseline, advantages: constants of the loss
+        t0 = time.perf_counter()
+        scores = self.metric.sentence_scores(hyps, [r for r in refs for _ in range(k)])
+        rewards = torch.tensor(scores, dtype=torch.float32, device=ids.device).view(num_sources, k) / 100
+        if cfg.baseline == "loo":
+            baseline = leave_one_out(rewards)
+        elif cfg.baseline == "greedy":
+            greedy_scores = torch.tensor(self.metric.sentence_scores(greedy, refs), device=ids.device)
+            baseline = (greedy_scores.float() / 100).unsqueeze(1).expand(-1, k)
+        else:
+            baseline = torch.zeros_like(rewards)
+        advantages = rewards - baseline
+        if cfg.standardize:
+            advantages = standardize(advantages)
+        score_s = time.perf_counter() - t0
+
+        # -- the surrogate loss and its gradient
+        t0 = time.perf_counter()
+        source_index = torch.arange(num_sources, device=ids.device).repeat_interleave(k)
+        log_probs, lengths = sequence_log_probs(self.model, batch, ids, source_index, self.eos)
+        pg_loss = reinforce_loss(log_probs, advantages.flatten())
+        with torch.set_grad_enabled(cfg.mle_mix > 0):  # without the mix, cross-entropy is only logged
+            cross_entropy, _ = token_cross_entropy(self.model, batch, cfg.label_smoothing)
+        loss = pg_loss + cfg.mle_mix * cross_entropy if cfg.mle_mix > 0 else pg_loss
+        self.accelerator.backward(loss)
+        backward_s = time.perf_counter() - t0
+
+        return {
+            "loss": loss.item(), "pg_loss": pg_loss.item(), "cross_entropy": cross_entropy.item(),
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+            "reward_max": rewards.max(1).values.mean().item(),
+            "baseline_mean": baseline.mean().item(), "advantage_std": advantages.std(unbiased=False).item(),
+            "log_prob_mean": log_probs.mean().item(), "sample_len": lengths.float().mean().item(),
+            "distinct_per_source": distinct_per_source(trim(ids, self.eos), k),
+            "sample_s": sample_s, "score_s": score_s, "backward_s": backward_s,
+        }
