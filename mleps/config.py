@@ -75,6 +75,7 @@ class TrainerConfig:
     log_every: int = 25
     save_every: int = 500
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    max_train_s: Optional[float] = None  # stop the phase after this much training time (equal-time comparisons)
     # The paper's recipe: MLE from scratch, then this rule. Skipped when 0.
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3

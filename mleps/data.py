@@ -58,14 +58,15 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
     if len(raw) == 0:
         raise UserError(f"data file has no rows: {path}")
 
-    columns = [data_cfg.source_column, data_cfg.target_column, *list(data_cfg.reference_columns)]
+    # Extra references are for evaluation; training splits need not have them (AESLC's train has none).
+    extra = list(data_cfg.reference_columns) if split != "train" else []
+    columns = [data_cfg.source_column, data_cfg.target_column, *extra]
     for col in columns:
         if col not in raw.column_names:
             raise UserError(
                 f"column '{col}' not found in {path}; it has: {', '.join(raw.column_names)} "
                 f"(set data.source_column / data.target_column / data.reference_columns)"
             )
-    extra = list(data_cfg.reference_columns)
 
     def normalise(row):
         source = _text(row[data_cfg.source_column])
@@ -106,6 +107,11 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} is not valid UTF-8 (byte {offset + e.start}): re-encode it as UTF-8") from None
             offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not valid UTF-8 (it ends inside a multi-byte character): "
+                            f"re-encode it as UTF-8") from None
 
 
 def tokenize(ds: datasets.Dataset, tokenizer, data_cfg, source_prefix: str = "") -> datasets.Dataset:

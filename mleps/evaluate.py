@@ -14,7 +14,7 @@ import hydra
 import torch
 
 from mleps.config import register_configs
-from mleps.errors import exit_on_user_error
+from mleps.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("mleps")
 register_configs()
@@ -26,6 +26,10 @@ def evaluate_checkpoint(cfg) -> dict:
     from mleps.metrics_config import metric_from_config
     from mleps.models import load_checkpoint
 
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise UserError("no checkpoint given: pass checkpoint=RUN/checkpoints/last (a folder written by mleps.train)")
     torch.manual_seed(cfg.seed)
     metric = metric_from_config(cfg.metric, level="corpus")
     model, tokenizer, meta = load_checkpoint(cfg.checkpoint)

@@ -67,6 +67,8 @@ def make_phases(trainer_cfg) -> list[Phase]:
 def lr_lambda(cfg):
     """Multiplier of the base LR at a phase-local step."""
     warmup = max(cfg.warmup_steps, 0)
+    if cfg.schedule not in ("constant", "linear", "inverse_sqrt", "cosine"):
+        raise UserError(f"unknown trainer.schedule '{cfg.schedule}': use constant, linear, inverse_sqrt or cosine")
 
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -117,8 +119,11 @@ class Interrupt:
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:  # the caller's handlers again (tests and notebooks run the loop in-process)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -186,11 +191,6 @@ class Loop:
             last = find_complete(self.ckpt_dir / "last")
             model, tokenizer, meta = load_checkpoint(str(last), trust_remote_code=cfg.model.trust_remote_code)
             self.source_prefix = meta.get("source_prefix", "")
-            # from_pretrained makes every parameter trainable (e.g. Marian's sinusoidal positions):
-            # freeze again what the run froze, or the optimizer state would not fit the parameters.
-            frozen = set(meta.get("frozen_parameters", []))
-            for name, p in model.named_parameters():
-                p.requires_grad_(name not in frozen)
         else:
             model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
         self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
@@ -264,6 +264,12 @@ class Loop:
 
     # -- training ---------------------------------------------------------------
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.interrupt.restore()
+
+    def _train(self) -> dict:
         self._t_start = time.perf_counter()
         interrupt = self.interrupt
         if self.resume_from is not None:
@@ -284,7 +290,7 @@ class Loop:
             at_start = self.state["step"] == phase.first_step
             if at_start and phase.name == "main" and phase.first_step > 0:
                 self.save("warm_start")  # the common starting point for comparing rules (init_from=...)
-            if at_start:
+            if at_start and phase.name == "main":  # a warm start begins from random weights: nothing to measure
                 if self.state.get("last_eval_step") != self.state["step"]:
                     self.evaluate(self.state["step"], phase)
                 self.state.setdefault("phase_start_scores", {})[phase.name] = self.state.get("last_score")
@@ -306,6 +312,7 @@ class Loop:
     def _run_phase(self, phase, model, optimizer, scheduler, rule, stream, interrupt) -> None:
         tcfg = phase.trainer
         window: dict[str, list[float]] = {}
+        budget_start_s = self.state["train_s"]  # for trainer.max_train_s (counted from this process's start)
         bar = tqdm(total=phase.last_step, initial=self.state["step"], desc=phase.name,
                    disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True)
         while self.state["step"] < phase.last_step:
@@ -353,6 +360,9 @@ class Loop:
                 log.warning("signal %d: saved %s at step %d; continue with resume=true",
                             interrupt.signum, self.ckpt_dir / "last", done)
                 raise SystemExit(INTERRUPTED_EXIT)
+            if tcfg.max_train_s is not None and self.state["train_s"] - budget_start_s >= tcfg.max_train_s:
+                log.info("%s: trainer.max_train_s=%s reached at step %d", phase.name, tcfg.max_train_s, done)
+                break
         bar.close()
 
     def _step_seed(self, step: int) -> int:

@@ -150,6 +150,11 @@ def load_checkpoint(path: str, trust_remote_code: bool = False):
     model, tokenizer = from_pretrained(str(folder), trust_remote_code)
     meta_file = folder / MLEPS_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    # from_pretrained makes every parameter trainable (e.g. Marian's sinusoidal positions): freeze
+    # again what the run froze, so fine-tuning and resumed optimizer states see the same parameters.
+    frozen = set(meta.get("frozen_parameters", []))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
     return model, tokenizer, meta
 
 

@@ -10,10 +10,12 @@
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +28,10 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-# `datasets` reads its cache location when imported: keep its Arrow caches out of ~/.cache too,
-# and never reach the network (everything the tests use is local).
+# `datasets` reads its cache location when imported: keep its Arrow caches out of ~/.cache too.
 if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mleps-test-hf-datasets-")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
 # A model that trains in seconds on two CPU cores.
@@ -58,6 +59,18 @@ def session_cache_dir(tmp_path_factory):
         os.environ.pop("MLEPS_CACHE_DIR", None)
     else:
         os.environ["MLEPS_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than
+    two threads fighting other processes for the cores (and the numbers do not depend on it)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +131,7 @@ def run_cli(module: str, *overrides: str, cwd: Path | None = None, env: dict | N
     full_env = dict(os.environ)
     full_env.setdefault("MLEPS_DATA_DIR", str(find_data_dir() or REPO / "data"))
     full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.setdefault("OMP_NUM_THREADS", "1")  # see single_torch_thread
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=str(cwd or REPO), env=full_env,

@@ -97,8 +97,7 @@ def test_evaluate_a_folder_without_model_files_in_a_real_process(tmp_path):
     assert out.strip() == ""
 
 
-def test_evaluate_without_a_checkpoint_says_so(tmp_path, capfd):
+def test_evaluate_without_a_checkpoint_is_a_user_error(tmp_path, capfd):
+    """`checkpoint: ???` left unset: a one-line message naming checkpoint=, not OmegaConf's traceback."""
     code, _, err = run_main("mleps.evaluate", capfd=capfd)
-    assert code != 0
-    assert "checkpoint" in err
-    assert "Traceback" not in err
+    assert_user_error(code, err, "checkpoint")

@@ -1,0 +1,543 @@
+"""Time and memory of one training step of every update rule, measured in one process.
+
+    MLEPS_CACHE_DIR=/tmp/mleps_bench_cache python scripts/bench_step.py --quick
+    python scripts/bench_step.py                 # tiny_marian and the 6-layer 512-wide Marian
+    python scripts/bench_step.py --large         # only the large one
+    python scripts/bench_step.py --quick --tiny-test   # seconds: a smoke run on a toy model
+
+What is measured (per model, on Multi30k de->en batches of --batch-size, default 64):
+  mle          the MLE step (token cross-entropy, backward, AdamW)
+  irreducible  the work MGS cannot avoid: one forward+backward and K+1 greedy decodes of the
+               batch with the unperturbed model (no detokenisation, no scoring, no perturbation)
+  mgs_inplace  the MGS step of conf/trainer/mgs.yaml (perturb=inplace), K = num_samples = 4
+  mgs_copy     the same with perturb=copy (a deep copy of the model per sample)
+  pg           the policy-gradient step of conf/trainer/pg.yaml (K = 4 samples per source)
+  mrt          the MRT step of conf/trainer/mrt.yaml (K = 4 samples per source)
+Every variant gets the same optimizer (one AdamW shared by all, as one training process holds
+one), starts each step from the same warm parameters (restored outside the timed region) and the
+same batch in a given round; rounds visit the variants round-robin in a rotating order, after a
+warm-up round, and the table shows medians. So machine load hits all variants alike and the
+ratios are measured within one run.
+
+The model is MLE-trained first for --warm-steps steps (cached under $MLEPS_CACHE_DIR/bench):
+an untrained model decodes max_new_tokens of garbage for every row, which makes decode timings
+meaningless. Decodes are also capped at the trainers' max_new_tokens (64).
+
+Memory: on CUDA torch.cuda.max_memory_allocated over the step; on CPU the process's resident
+high-water mark (VmHWM, reset through /proc/self/clear_refs after malloc_trim) over the step.
+"peak" is the absolute value (model, optimizer state and, on CPU, the Python runtime included);
+"step" is the peak minus what was resident just before the step.
+
+The last line of output is one JSON object with the ratios (see RATIO_KEYS).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MLEPS_CACHE_DIR", "/tmp/mleps_bench_cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+VARIANTS = ("mle", "irreducible", "mgs_inplace", "mgs_copy", "pg", "mrt")
+RATIO_KEYS = ("mgs_inplace_over_irreducible", "mgs_copy_over_inplace", "mgs_over_pg", "mgs_peak_over_mle_peak")
+LARGE = dict(d_model=512, layers=6, heads=8, ffn_dim=2048)  # Marian-base sizes
+WARM_BATCH = 64  # the MLE warm-up's batch, whatever --batch-size measures
+TOY = dict(vocab_size=300, d_model=32, layers=1, heads=2, ffn_dim=64)  # --tiny-test
+
+
+# ----------------------------------------------------------------------------- memory
+
+_libc = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL("libc.so.6")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Bytes at the start of a region and the peak within it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            if _libc is not None:
+                _libc.malloc_trim(0)  # hand freed heap pages back, or they hide the next peak
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+                self.resettable = True
+            except OSError:
+                self.resettable = False
+            self.before = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = _status_kb("VmHWM") * 1024 if self.resettable else float("nan")
+        return False
+
+
+# ----------------------------------------------------------------------------- decode counter
+
+class DecodeCounter:
+    """Wraps mleps.decoding.generate where the rules call it: counts generated tokens and time."""
+
+    def __init__(self, eos: list[int], device: torch.device):
+        self.eos, self.device = eos, device
+        self.reset()
+        import mleps.decoding
+        self.real = mleps.decoding.generate
+
+    def reset(self):
+        self.tokens = 0  # generated tokens through each row's first EOS
+        self.rows = 0
+        self.seconds = 0.0
+
+    def generate(self, *args, **kwargs):
+        from mleps.trainers.sequences import label_mask
+
+        t0 = time.perf_counter()
+        ids = self.real(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - t0
+        self.tokens += int(label_mask(ids[:, 1:], self.eos).sum())
+        self.rows += ids.shape[0]
+        return ids
+
+    def install(self):
+        import mleps.trainers.mgs
+        import mleps.trainers.pg
+        import mleps.trainers.sequences
+
+        for module in (mleps.trainers.mgs, mleps.trainers.pg, mleps.trainers.sequences):
+            module.generate = self.generate
+
+
+# ----------------------------------------------------------------------------- setup
+
+def load_yaml(path: Path, schema):
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(schema), raw)
+
+
+def data_cfg(data_dir: Path):
+    from mleps.config import DataConfig
+
+    cfg = load_yaml(ROOT / "conf" / "data" / "multi30k_de_en.yaml", DataConfig)
+    cfg.train_file = str(data_dir / "multi30k" / "train.jsonl")
+    cfg.validation_file = cfg.test_file = None
+    return cfg
+
+
+def model_cfg(size: str):
+    from mleps.config import ModelConfig
+
+    cfg = load_yaml(ROOT / "conf" / "model" / "tiny_marian.yaml", ModelConfig)
+    if size == "large":
+        cfg = OmegaConf.merge(cfg, LARGE)
+    elif size == "toy":
+        cfg = OmegaConf.merge(cfg, TOY)
+    return cfg
+
+
+def trainer_cfg(name: str, **overrides):
+    from mleps.config import TRAINER_SCHEMAS
+
+    return OmegaConf.merge(load_yaml(ROOT / "conf" / "trainer" / f"{name}.yaml", TRAINER_SCHEMAS[name]), overrides)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def warm_model(size: str, args, tokenizer, train_ds, collate, device, log):
+    """tiny_marian-style model of `size`, MLE-trained for args.warm_steps steps (cached)."""
+    from mleps.data import BatchStream
+    from mleps.models import cache_dir, tiny_marian
+
+    mcfg = model_cfg(size)
+    torch.manual_seed(0)
+    model = tiny_marian(mcfg, tokenizer)
+    key = hashlib.sha256(json.dumps([OmegaConf.to_container(mcfg), len(tokenizer), args.warm_steps,
+                                     WARM_BATCH, tokenizer.backend_tokenizer.to_str()[-4096:]],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "bench" / f"{size}-warm{args.warm_steps}-{key}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        log(f"[{size}] warm model: {path}")
+        return model.to(device)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    stream = BatchStream(train_ds, WARM_BATCH, seed=1234)
+    from mleps.trainers.base import token_cross_entropy
+
+    t0 = time.perf_counter()
+    for step in range(args.warm_steps):
+        batch = to_device(collate(train_ds[stream.indices(step)]), device)
+        opt.zero_grad(set_to_none=True)
+        loss, _ = token_cross_entropy(model, batch, 0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == args.warm_steps - 1:
+            log(f"[{size}] warm-up MLE step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+class Bench:
+    """One model, its shared optimizer and the six variants as callables of (batch, step)."""
+
+    def __init__(self, model, tokenizer, metric, device, args):
+        from accelerate import Accelerator
+        from mleps.trainers import build_rule
+        from mleps.trainers.sequences import eos_ids
+
+        self.model, self.device, self.args = model, device, args
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.snapshot = [p.detach().clone() for p in self.params]
+        self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.98))
+        for p in self.params:  # create AdamW's state now, so that no variant's first step pays for it
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.counter = DecodeCounter(eos_ids(model), device)
+        self.counter.install()
+        accelerator = Accelerator(cpu=device.type == "cpu")
+        k, mnt = args.num_samples, args.max_new_tokens
+        cfgs = {
+            "mle": trainer_cfg("mle"),
+            "mgs_inplace": trainer_cfg("mgs", num_samples=k, max_new_tokens=mnt, perturb="inplace"),
+            "mgs_copy": trainer_cfg("mgs", num_samples=k, max_new_tokens=mnt, perturb="copy"),
+            "pg": trainer_cfg("pg", num_samples=k, max_new_tokens=mnt),
+            "mrt": trainer_cfg("mrt", num_samples=k, max_new_tokens=mnt),
+        }
+        self.cfgs = cfgs
+        self.rules = {}
+        for name, cfg in cfgs.items():
+            rule = build_rule(cfg.name, cfg=cfg, model=model, tokenizer=tokenizer, metric=metric,
+                              accelerator=accelerator, seed=0)
+            rule.optimizer = self.optimizer
+            self.rules[name] = rule
+
+    def restore(self):
+        with torch.no_grad():
+            for p, s in zip(self.params, self.snapshot):
+                p.copy_(s)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+
+    def irreducible(self, batch, step):
+        from mleps.trainers.base import token_cross_entropy
+
+        loss, _ = token_cross_entropy(self.model, batch)
+        loss.backward()
+        for _ in range(self.args.num_samples + 1):
+            self.counter.generate(self.model, batch, max_new_tokens=self.args.max_new_tokens)
+
+    def run(self, name, batch, step) -> dict:
+        """One step of `name` as the loop runs it (zero_grad, step, clip, apply)."""
+        if name == "irreducible":
+            self.irreducible(batch, step)
+            return {}
+        rule = self.rules[name]
+        stats = rule.step(batch, step)
+        if rule.clip_in_loop and rule.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, rule.cfg.max_grad_norm)
+        rule.apply(self.optimizer)
+        return stats
+
+    def timed(self, name, batch, step) -> dict:
+        self.restore()
+        self.counter.reset()
+        sync()
+        t0 = time.perf_counter()
+        stats = self.run(name, batch, step)
+        sync()
+        seconds = time.perf_counter() - t0
+        return {"s": seconds, "tokens": self.counter.tokens, "rows": self.counter.rows,
+                "decode_s": self.counter.seconds, "stats": stats}
+
+    def memory(self, name, batch, step) -> tuple[int, int]:
+        self.restore()
+        with PeakMemory(self.device) as mem:
+            self.run(name, batch, step)
+        return mem.before, mem.peak
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def measure(size: str, args, shared, device, log) -> dict:
+    tokenizer, train_ds, collate, metric = shared
+    model = warm_model(size, args, tokenizer, train_ds, collate, device, log)
+    bench = Bench(model, tokenizer, metric, device, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[{size}] {n_params / 1e6:.1f} M parameters, {bench.param_bytes / 2**20:.0f} MiB")
+
+    # Fixed measurement batches, away from the warm-up stream.
+    g = torch.Generator().manual_seed(99)
+    order = torch.randperm(len(train_ds), generator=g).tolist()
+    batches = [to_device(collate(train_ds[order[i * args.batch_size:(i + 1) * args.batch_size]]), device)
+               for i in range(args.rounds + 1)]
+
+    variants = list(VARIANTS)
+    times = {v: [] for v in variants}
+    log(f"[{size}] warm-up round (measures peak memory)")
+    memory = {}
+    for v in variants:
+        before, peak = bench.memory(v, batches[0], 0)
+        memory[v] = {"before": before, "peak": peak, "step": peak - before}
+    for r in range(args.rounds):
+        shift = r % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            times[v].append(bench.timed(v, batches[r + 1], r + 1))
+        log(f"[{size}] round {r + 1}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]['s']:.2f}s" for v in variants))
+
+
+    rows = {}
+    for v in variants:
+        ts = times[v]
+        med = statistics.median(t["s"] for t in ts)
+        tokens = statistics.median(t["tokens"] for t in ts)
+        rows[v] = {
+            "median_s": med, "min_s": min(t["s"] for t in ts), "max_s": max(t["s"] for t in ts),
+            "decoded_rows": ts[0]["rows"], "decoded_tokens": tokens,
+            "tokens_per_s": (tokens / med) if tokens else None,
+            "decode_median_s": statistics.median(t["decode_s"] for t in ts),
+            **memory[v],
+        }
+        if v.startswith("mgs"):  # the rule's own breakdown
+            for key in ("gradient_s", "perturb_s", "decode_s", "score_s", "update_s"):
+                rows[v]["rule_" + key] = statistics.median(t["stats"][key] for t in ts)
+    return {"size": size, "parameters": n_params, "param_bytes": bench.param_bytes, "rows": rows,
+            "rounds": args.rounds}
+
+
+def ratios(result: dict) -> dict:
+    r = result["rows"]
+    mem_ok = r["mgs_inplace"]["peak"] <= r["mle"]["peak"] + result["param_bytes"]
+    out = {
+        "mgs_inplace_over_irreducible": r["mgs_inplace"]["median_s"] / r["irreducible"]["median_s"],
+        "mgs_copy_over_inplace": r["mgs_copy"]["median_s"] / r["mgs_inplace"]["median_s"],
+        "mgs_over_pg": r["mgs_inplace"]["median_s"] / r["pg"]["median_s"],
+        "mgs_over_mrt": r["mgs_inplace"]["median_s"] / r["mrt"]["median_s"],
+        "mgs_over_mle": r["mgs_inplace"]["median_s"] / r["mle"]["median_s"],
+        "mgs_peak_over_mle_peak": r["mgs_inplace"]["peak"] / r["mle"]["peak"],
+        "mgs_step_mem_over_mle_step_mem": r["mgs_inplace"]["step"] / max(r["mle"]["step"], 1),
+        "mgs_copy_peak_over_mle_peak": r["mgs_copy"]["peak"] / r["mle"]["peak"],
+        # the decode-length check: MGS's perturbed models may decode longer than θ does
+        "mgs_tokens_over_irreducible_tokens": r["mgs_inplace"]["decoded_tokens"] / max(r["irreducible"]["decoded_tokens"], 1),
+    }
+    out["targets"] = {
+        "mgs_inplace_le_1.10x_irreducible": out["mgs_inplace_over_irreducible"] <= 1.10,
+        "mgs_inplace_faster_than_copy": out["mgs_copy_over_inplace"] > 1.0,
+        "mgs_peak_le_mle_peak_plus_params": bool(mem_ok),
+        "mgs_le_1.3x_pg": out["mgs_over_pg"] <= 1.3,
+    }
+    return out
+
+
+def print_table(result: dict, device) -> None:
+    unit = "alloc" if device.type == "cuda" else "RSS"
+    print(f"\n== {result['size']}: {result['parameters'] / 1e6:.1f} M parameters "
+          f"({result['param_bytes'] / 2**20:.0f} MiB), medians of {result['rounds']} rounds ==")
+    head = (f"{'variant':<12} {'median s':>9} {'min s':>7} {'max s':>7} {'x mle':>6} {'rows':>5} {'tokens':>7} "
+            f"{'tok/s':>7} {'decode s':>9} {'peak ' + unit + ' MiB':>14} {'step MiB':>9}")
+    print(head)
+    print("-" * len(head))
+    rows = result["rows"]
+    mle = rows["mle"]["median_s"]
+    for v, r in rows.items():
+        tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+        print(f"{v:<12} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} {r['median_s'] / mle:>6.1f} "
+              f"{r['decoded_rows']:>5} {r['decoded_tokens']:>7.0f} {tps:>7} {r['decode_median_s']:>9.3f} "
+              f"{r['peak'] / 2**20:>14.0f} {r['step'] / 2**20:>9.0f}")
+    for v in ("mgs_inplace", "mgs_copy"):
+        r = rows[v]
+        print(f"{v} breakdown (rule's own timers, medians): " + ", ".join(
+            f"{k[5:]} {r[k]:.3f}" for k in r if k.startswith("rule_")))
+    rat = ratios(result)
+    print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in rat.items() if k != "targets"))
+    print("targets: " + ", ".join(f"{k} {'MET' if v else 'MISSED'}" for k, v in rat["targets"].items()))
+
+
+def profile_mgs(size, args, shared, device, out_dir: Path | None) -> None:
+    """cProfile (Python-level) and torch.profiler (operator-level) of MGS-inplace steps."""
+    import cProfile
+    import io
+    import pstats
+
+    tokenizer, train_ds, collate, metric = shared
+    model = warm_model(size, args, tokenizer, train_ds, collate, device, print)
+    bench = Bench(model, tokenizer, metric, device, args)
+    batch = to_device(collate(train_ds[list(range(args.batch_size))]), device)
+    bench.timed("mgs_inplace", batch, 0)
+    prof = cProfile.Profile()
+    for step in range(1, 4):
+        bench.restore()
+        prof.enable()
+        bench.run("mgs_inplace", batch, step)
+        prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print("\n== cProfile, 3 MGS-inplace steps, by own time ==")
+    print(s.getvalue())
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats("mleps|sacrebleu|tokenization|generation/utils", 30)
+    print("\n== cProfile, by cumulative time (mleps, sacrebleu, tokenizer, generate) ==")
+    print(s.getvalue())
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    bench.restore()
+    with profile(activities=acts) as tp:
+        bench.run("mgs_inplace", batch, 5)
+    print("\n== torch.profiler, 1 MGS-inplace step ==")
+    print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(out_dir / f"mgs_{size}.prof"))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model only, batches of 16 (unless --batch-size), 2 rounds: about a minute once the "
+                        "warm model is cached")
+    p.add_argument("--large", action="store_true", help="only the 6-layer 512-wide Marian")
+    p.add_argument("--tiny", action="store_true", help="only the embedded tiny_marian")
+    p.add_argument("--tiny-test", action="store_true", help="a toy 32-wide model and 8-row batches (smoke test)")
+    p.add_argument("--rounds", type=int, default=None, help="measured rounds (default 7, --quick 2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=4, help="K for MGS, PG and MRT")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--warm-steps", type=int, default=None, help="MLE steps before measuring (default 200)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is there")
+    p.add_argument("--profile", action="store_true", help="also profile the MGS step (cProfile + torch.profiler)")
+    p.add_argument("--profile-dir", default=None, help="write the cProfile dump here")
+    p.add_argument("--json-out", default=None, help="also write the full results here")
+    args = p.parse_args(argv)
+    args.batch_size_default = "--batch-size" not in (argv if argv is not None else sys.argv)
+    if args.tiny_test:
+        args.batch_size = min(args.batch_size, 8)
+        args.max_new_tokens = min(args.max_new_tokens, 16)
+    if args.quick and args.batch_size_default:
+        args.batch_size = 16  # a 64-row round of the six variants takes ~1 min on a loaded 2-core CPU
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3 if args.tiny_test else 7
+    if args.warm_steps is None:
+        args.warm_steps = 30 if args.tiny_test else 200
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    sizes = (["toy"] if args.tiny_test else ["large"] if args.large else ["tiny"] if (args.tiny or args.quick)
+             else ["tiny", "large"])
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    import logging
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from mleps.data import Collator, load_split, tokenize
+    from mleps.metrics import build_metric
+    from mleps.models import bpe_tokenizer, cache_dir
+
+    logging.basicConfig(level=logging.WARNING)
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    t_start = time.perf_counter()
+    data_dir = Path(os.environ.get("MLEPS_DATA_DIR", ROOT / "data"))
+    dcfg = data_cfg(data_dir)
+    raw = load_split(dcfg, "train")
+    vocab = model_cfg(sizes[0]).vocab_size
+    tokenizer = bpe_tokenizer(dcfg, raw, vocab, cache_dir())
+    # The warm-up needs warm_steps batches; the measurement rounds + 1 more, drawn from the same rows.
+    needed = min(len(raw), max(args.warm_steps * WARM_BATCH, (args.rounds + 2) * args.batch_size) + 4 * WARM_BATCH)
+    train_ds = tokenize(raw.select(range(needed)), tokenizer, dcfg)
+    metric = build_metric("bleu", "corpus")  # conf/metric/bleu.yaml; pg/mrt use its sentence scores
+    log(f"setup {time.perf_counter() - t_start:.1f} s: {len(train_ds)} pairs, vocab {len(tokenizer)}, "
+        f"device {device}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+
+    results = []
+    for size in sizes:
+        # The collator only uses the model for decoder_input_ids (labels shifted right after the start
+        # token): the same for every size, so a toy model built in milliseconds serves.
+        from mleps.models import tiny_marian
+        collate = Collator(tokenizer, tiny_marian(OmegaConf.merge(model_cfg(size), TOY, {"vocab_size": vocab}), tokenizer))
+        shared = (tokenizer, train_ds, collate, metric)
+        result = measure(size, args, shared, device, log)
+        results.append(result)
+        print_table(result, device)
+        if args.profile:
+            profile_mgs(size, args, shared, device, Path(args.profile_dir) if args.profile_dir else None)
+
+    machine = {"device": str(device), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+               "loadavg": os.getloadavg(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    summary = {}
+    for result in results:
+        rat = ratios(result)
+        prefix = "" if result is results[0] else result["size"] + "_"
+        for key, value in rat.items():
+            summary[prefix + key] = value
+    summary.update(sizes=sizes, rounds=args.rounds, batch_size=args.batch_size, num_samples=args.num_samples,
+                   warm_steps=args.warm_steps, machine=machine, wall_s=round(time.perf_counter() - t_start, 1))
+    if len(results) > 1:
+        summary["primary"] = results[0]["size"]
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"summary": summary, "results": results}, indent=1, default=float))
+    print(json.dumps(summary, default=float), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""scripts/bench_step.py runs end to end on a toy model and ends with its JSON summary line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+KEYS = ("mgs_inplace_over_irreducible", "mgs_copy_over_inplace", "mgs_over_pg", "mgs_peak_over_mle_peak")
+
+
+@pytest.mark.slow
+def test_bench_step_smoke(data_dir, tmp_path):
+    env = dict(os.environ, MLEPS_DATA_DIR=str(data_dir), MLEPS_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_step.py"), "--tiny-test", "--rounds", "1", "--cpu"],
+        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    summary = json.loads(lines[-1])
+    for key in KEYS:
+        assert key in summary and summary[key] > 0, (key, summary)
+    assert set(summary["targets"]) == {"mgs_inplace_le_1.10x_irreducible", "mgs_inplace_faster_than_copy",
+                                       "mgs_peak_le_mle_peak_plus_params", "mgs_le_1.3x_pg"}
+    assert "mgs_inplace" in proc.stdout and "irreducible" in proc.stdout  # the table
