@@ -21,11 +21,14 @@ from transformers import (
     MarianMTModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from mleps.data import data_path
 from mleps.errors import UserError
 
 log = logging.getLogger(__name__)
+# save_pretrained/from_pretrained draw progress bars for a 25 MB model; the loop has its own.
+hf_logging.disable_progress_bar()
 
 TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: invalidates caches
 MLEPS_META = "mleps.json"  # beside a checkpoint's weights: source prefix and provenance

@@ -57,6 +57,9 @@ class MGS(UpdateRule):
         for key, allowed in choices.items():
             if cfg[key] not in allowed:
                 raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
+        if self.accelerator.num_processes > 1:
+            # Ranks would perturb and update independently and drift apart: refuse rather than diverge.
+            raise UserError("trainer=mgs runs in one process for now: launch it without --num_processes")
         if cfg.guide == "optimizer" and cfg.apply != "sgd":
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
         self.optimizer = None  # set by the loop
