@@ -112,31 +112,30 @@ class MGSConfig(TrainerConfig):
 
 
 @dataclass
-class PGConfig(TrainerConfig):
-    name: str = "pg"
+class SequenceSamplingConfig(TrainerConfig):
+    """Shared by the rules that sample outputs per source (pg, mrt): fine-tuning defaults."""
+
     lr: float = 1e-4
     schedule: str = "constant"
     warmup_steps: int = 0
-    num_samples: int = 4
+    num_samples: int = 4  # sampled outputs per source
     sample_temperature: float = 1.0
-    baseline: str = "loo"  # loo | greedy | none
-    standardize: bool = False
-    mle_mix: float = 0.1
+    mle_mix: float = 0.1  # weight of the token cross-entropy on the references
     max_new_tokens: int = 64
 
 
 @dataclass
-class MRTConfig(TrainerConfig):
+class PGConfig(SequenceSamplingConfig):
+    name: str = "pg"
+    baseline: str = "loo"  # loo | greedy | none
+    standardize: bool = False
+
+
+@dataclass
+class MRTConfig(SequenceSamplingConfig):
     name: str = "mrt"
-    lr: float = 1e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    num_samples: int = 4
-    sample_temperature: float = 1.0
     sharpness: float = 0.005
     include_reference: bool = True
-    mle_mix: float = 0.1
-    max_new_tokens: int = 64
 
 
 @dataclass

@@ -33,12 +33,10 @@ def plot_run(metrics_file: Path, out: Path, runs: dict[str, Path] | None = None)
         scores = [e["score"] for e in events]
         by_step.plot(steps, scores, marker="o", ms=3, label=label or None)
         by_time.plot(times, scores, marker="o", ms=3, label=label or None)
-        if not label:  # mark where the main phase starts
-            starts = [e["step"] for e in events if e.get("phase") == "main"]
-            warm = [e for e in events if e.get("phase") == "warm_start"]
-            if warm and starts:
-                by_step.axvline(starts[0], color="gray", ls="--", lw=1)
-                by_time.axvline([e["train_s"] / 60 for e in events if e["step"] == starts[0]][0], color="gray", ls="--", lw=1)
+        warm = [e for e in events if e.get("phase") == "warm_start"]
+        if not label and warm and len(warm) < len(events):  # the warm start ends where MGS begins
+            by_step.axvline(warm[-1]["step"], color="gray", ls="--", lw=1)
+            by_time.axvline(warm[-1]["train_s"] / 60, color="gray", ls="--", lw=1)
     if not plotted:
         plt.close(fig)
         return None
