@@ -130,19 +130,25 @@ def test_disk_full_during_save_keeps_previous_checkpoint_and_says_so_in_one_line
     assert not list(tmp_path.glob(".last.*")), "the half-written folder is removed"
 
 
-def test_failure_while_moving_the_new_folder_in_puts_the_old_one_back(tmp_path, monkeypatch):
-    model, tokenizer, _, _ = tiny()
-    folder = save(tmp_path / "last", model, tokenizer, step=1)
-    before = weights(folder)
+def fail_second_rename(monkeypatch, error: BaseException):
+    """The first os.replace moves the old folder aside; make the second (new folder in) raise."""
     real_replace, calls = os.replace, []
 
     def replace(src, dst):
         calls.append(dst)
-        if len(calls) == 2:  # the first moves the old folder aside, the second would move the new one in
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if len(calls) == 2:
+            raise error
         return real_replace(src, dst)
 
     monkeypatch.setattr(ckpt.os, "replace", replace)
+    return real_replace
+
+
+def test_failure_while_moving_the_new_folder_in_puts_the_old_one_back(tmp_path, monkeypatch):
+    model, tokenizer, _, _ = tiny()
+    folder = save(tmp_path / "last", model, tokenizer, step=1)
+    before = weights(folder)
+    real_replace = fail_second_rename(monkeypatch, OSError(errno.EIO, os.strerror(errno.EIO)))
     with pytest.raises(UserError, match="could not write checkpoint"):
         save(folder, model, tokenizer, step=2)
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
@@ -155,15 +161,7 @@ def test_kill_between_the_two_renames_leaves_the_previous_checkpoint_findable(tm
     model, tokenizer, _, _ = tiny()
     folder = save(tmp_path / "last", model, tokenizer, step=1)
     before = weights(folder)
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    real_replace = fail_second_rename(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         save(folder, model, tokenizer, step=2)
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
