@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import hydra
 import torch
+from omegaconf import OmegaConf
 
 from mleps.config import register_configs
 from mleps.errors import UserError, exit_on_user_error
@@ -25,8 +25,6 @@ def evaluate_checkpoint(cfg) -> dict:
     from mleps.decoding import translate
     from mleps.metrics_config import metric_from_config
     from mleps.models import load_checkpoint
-
-    from omegaconf import OmegaConf
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise UserError("no checkpoint given: pass checkpoint=RUN/checkpoints/last (a folder written by mleps.train)")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
 from mleps.config import MLEConfig
-from mleps.data import BatchStream, Collator, data_path, load_split, tokenize
+from mleps.data import BatchStream, Collator, load_split, tokenize
 from mleps.decoding import translate
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
 from mleps.metrics_config import metric_from_config
@@ -198,7 +198,6 @@ class Loop:
         self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
         self.collate = Collator(tokenizer, model)
         self.phases = make_phases(cfg.trainer)
-        self.total_steps = self.phases[-1].last_step
         self.logger = MetricsLog(self.run_dir, cfg.tensorboard, self.is_main)
         self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
                       "bad_steps_in_a_row": 0}

@@ -54,7 +54,7 @@ def test_mgs_step_on_t5_moves_parameters_and_copy_equals_inplace(tiny_t5):
 @pytest.mark.parametrize("trainer", ["mgs", "mle"])
 def test_hf_t5_trains_through_the_cli_and_evaluates(tiny_t5, toy_data, tmp_path, trainer):
     run_dir = tmp_path / "run"
-    data = [f"data=local", f"data.train_file={toy_data / 'train.jsonl'}",
+    data = ["data=local", f"data.train_file={toy_data / 'train.jsonl'}",
             f"data.validation_file={toy_data / 'dev.jsonl'}", f"data.test_file={toy_data / 'dev.jsonl'}"]
     code, out, err = run_cli(
         "mleps.train", "model=hf", f"model.name_or_path={tiny_t5}", f"trainer={trainer}", *data,

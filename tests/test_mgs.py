@@ -3,7 +3,6 @@ no per-sample copies, determinism, and it lowers the batch task loss from a warm
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 from mleps.config import MGSConfig, MLEConfig
 from mleps.data import Collator
 from mleps.metrics import build_metric
-from mleps.search import regenerate_noise  # noqa: F401  (documents where Δ comes from)
 from mleps.trainers import build_rule
 
 torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over a busy machine

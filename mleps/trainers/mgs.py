@@ -63,6 +63,7 @@ class MGS(UpdateRule):
         if cfg.guide == "optimizer" and cfg.apply != "sgd":
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
         self.optimizer = None  # set by the loop
+        self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
 
     # -- helpers -----------------------------------------------------------------
     def _params(self, model) -> list[torch.nn.Parameter]:
@@ -78,6 +79,14 @@ class MGS(UpdateRule):
         hyps = to_texts(self.tokenizer, ids)
         decode_s = time.perf_counter() - t0
         return self.metric.task_loss(hyps, batch["references"]), decode_s
+
+    def _snapshot(self, params) -> list[torch.Tensor]:
+        if self._backup is None or any(b.shape != p.shape for b, p in zip(self._backup, params)):
+            self._backup = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            for b, p in zip(self._backup, params):
+                b.copy_(p)
+        return self._backup
 
     def _optimizer_step_as_guide(self, params, backup) -> None:
         """Replace each .grad (= g) by -(the optimizer's step on g), and leave θ unchanged."""
@@ -106,7 +115,7 @@ class MGS(UpdateRule):
         if not torch.isfinite(torch.tensor(guide_norm)):
             return {"loss": float("nan"), "cross_entropy": cross_entropy.item(), "guide_norm": guide_norm}
         guide = [p.grad for p in params]
-        backup = [p.detach().clone() for p in params] if cfg.perturb == "inplace" or cfg.guide == "optimizer" else None
+        backup = self._snapshot(params) if cfg.perturb == "inplace" or cfg.guide == "optimizer" else None
         if cfg.guide == "optimizer":
             self._optimizer_step_as_guide(params, backup)
         times["gradient_s"] = time.perf_counter() - t0
