@@ -63,7 +63,8 @@ class DecodeConfig:
 class TrainerConfig:
     name: str = MISSING
     max_steps: int = 1000
-    batch_size: int = 64  # per process; the global batch is batch_size x processes
+    batch_size: int = 64  # per process and micro-batch: the global batch is batch_size x processes x accumulation
+    gradient_accumulation_steps: int = 1  # micro-batches per process per step
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -107,6 +108,7 @@ class MGSConfig(TrainerConfig):
     decode: str = "greedy"  # greedy | sample
     max_new_tokens: int = 64
     perturb: str = "inplace"  # inplace | copy (deep copy per sample, the original code's way)
+    parallel: str = "data"  # several processes: data (each decodes its shard) | population (each its samples)
     apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
     sgd_scale: float = 1.0
 
@@ -154,8 +156,9 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     cache_dir: Optional[str] = None  # tokenizer/model cache; null: $MLEPS_CACHE_DIR or ~/.cache/mleps
-    mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate; weights stay fp32)
     cpu: bool = False
+    collective_timeout_s: float = 600.0  # a rank waiting this long in a collective fails instead of hanging
 
 
 @dataclass

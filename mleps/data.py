@@ -143,22 +143,29 @@ def _truncate(ids: list[int], limit: int) -> list[int]:
 class BatchStream:
     """Training batches as a pure function of the step: epoch-wise permutations seeded by (seed, epoch).
 
-    Rank r of W processes takes rows [r::W] of the global batch, so the global batch is the
-    same whatever W is.
+    The global batch of a step holds batch_size x world_size x accumulation rows, cut into
+    world_size x accumulation micro-batches: micro-batch j takes rows [j::count]. Process r
+    owns micro-batches r*accumulation .. r*accumulation + accumulation - 1. So the global
+    batch, and each micro-batch, are the same whatever the split between processes and
+    accumulation: 2 processes x 8 rows see the 16 rows 1 process x 16 rows sees, in the
+    micro-batches 1 process x 8 rows x 2 accumulation steps sees.
     """
 
     dataset: datasets.Dataset
-    batch_size: int  # per process
+    batch_size: int  # per process and micro-batch
     seed: int
     rank: int = 0
     world_size: int = 1
+    accumulation: int = 1
 
     def __post_init__(self):
-        self.global_batch = self.batch_size * self.world_size
+        self.count = self.world_size * self.accumulation  # micro-batches per step
+        self.global_batch = self.batch_size * self.count
         if self.global_batch > len(self.dataset):
             raise UserError(
-                f"batch of {self.global_batch} is larger than the training set ({len(self.dataset)} examples): "
-                f"lower trainer.batch_size or raise data.max_train_examples"
+                f"a global batch of {self.global_batch} (batch_size {self.batch_size} x {self.world_size} processes x "
+                f"{self.accumulation} accumulation steps) is larger than the training set ({len(self.dataset)} "
+                f"examples): lower trainer.batch_size or raise data.max_train_examples"
             )
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -168,13 +175,21 @@ class BatchStream:
             self._perms = {epoch: torch.randperm(len(self.dataset), generator=g)}
         return self._perms[epoch]
 
-    def indices(self, step: int) -> list[int]:
+    def global_indices(self, step: int) -> list[int]:
         n = len(self.dataset)
         start = step * self.global_batch
-        out = []
-        for pos in range(start, start + self.global_batch):
-            out.append(int(self._perm(pos // n)[pos % n]))
-        return out[self.rank :: self.world_size]
+        return [int(self._perm(pos // n)[pos % n]) for pos in range(start, start + self.global_batch)]
+
+    def micro_batches(self, step: int, everyone: bool = False) -> list[tuple[int, list[int]]]:
+        """(micro-batch index j, row indices) of this process's micro-batches, or all of them."""
+        rows = self.global_indices(step)
+        owned = range(self.count) if everyone else range(self.rank * self.accumulation,
+                                                          (self.rank + 1) * self.accumulation)
+        return [(j, rows[j::self.count]) for j in owned]
+
+    def indices(self, step: int) -> list[int]:
+        """This process's rows of the step (all its micro-batches)."""
+        return [i for _, rows in self.micro_batches(step) for i in rows]
 
     def epoch(self, step: int) -> float:
         return step * self.global_batch / len(self.dataset)

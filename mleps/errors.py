@@ -6,6 +6,7 @@ import sys
 
 USER_ERROR_EXIT = 2  # bad input or config
 BAD_STEPS_EXIT = 3  # too many non-finite steps in a row
+RANKS_DIVERGED_EXIT = 4  # processes of one run hold different parameters
 INTERRUPTED_EXIT = 130  # SIGINT/SIGTERM: a checkpoint was saved, resume with resume=true
 
 
@@ -14,9 +15,17 @@ class UserError(Exception):
 
     exit_code = USER_ERROR_EXIT
 
+    def with_code(self, exit_code: int) -> "UserError":
+        self.exit_code = exit_code
+        return self
+
 
 class TrainingDiverged(UserError):
     exit_code = BAD_STEPS_EXIT
+
+
+class RanksDiverged(UserError):
+    exit_code = RANKS_DIVERGED_EXIT
 
 
 def exit_on_user_error(fn):
@@ -27,7 +36,8 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if not getattr(e, "reported_by_main", False):  # several processes: the main one says it
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
 
     return wrapper

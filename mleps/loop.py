@@ -1,11 +1,14 @@
 """The training loop, written once for every update rule.
 
-setup (run dir, accelerate, data, model, metric) -> phases -> steps. A run has up to two
+setup (accelerate, run dir, data, model, metric) -> phases -> steps. A run has up to two
 phases: an optional MLE warm start (`trainer.warm_start_steps`, the paper's recipe) and the
-configured rule. The global step counts both. Each step: a batch that is a pure function of
-(seed, step), `rule.step` leaves a direction in `.grad`, the loop checks it is finite,
-clips, applies, and logs; every `eval_every` steps it decodes the validation set, and every
-`save_every` steps (and at the end, and on SIGTERM/SIGINT) it writes checkpoints/last.
+configured rule. The global step counts both. Each step: a global batch that is a pure
+function of (seed, step), cut into micro-batches (processes x gradient accumulation);
+`rule.update` leaves a direction in `.grad`, identical on every process; the processes agree
+that it is finite, the loop clips, applies, and logs. Every `eval_every` steps the processes
+check they hold the same parameters and decode the validation set in shards; every
+`save_every` steps (and at the end, and on SIGTERM/SIGINT) the main process writes
+checkpoints/last.
 """
 from __future__ import annotations
 
@@ -17,11 +20,12 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -32,7 +36,9 @@ from mleps.decoding import translate
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
 from mleps.metrics_config import metric_from_config
 from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
+from mleps import distributed
 from mleps.trainers import build_rule
+from mleps.trainers.base import Shard, label_tokens
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ def make_phases(trainer_cfg) -> list[Phase]:
     if trainer_cfg.warm_start_steps > 0:
         warm = OmegaConf.structured(MLEConfig(
             max_steps=trainer_cfg.warm_start_steps, batch_size=trainer_cfg.batch_size, lr=trainer_cfg.warm_start_lr,
+            gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
             schedule="inverse_sqrt", warmup_steps=200, label_smoothing=0.1,
             eval_every=trainer_cfg.warm_start_eval_every, log_every=trainer_cfg.log_every,
             save_every=trainer_cfg.save_every, max_bad_steps=trainer_cfg.max_bad_steps,
@@ -134,6 +141,7 @@ class Interrupt:
 
 def prepare_run_dir(cfg, run_dir: Path) -> bool:
     """Refuse to mix two runs in one folder. Returns True when resuming."""
+    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for the CLI; not for Loop used as a library
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if cfg.resume:
         last = find_complete(run_dir / "checkpoints" / "last")
@@ -178,10 +186,17 @@ class Loop:
     def setup(self) -> None:
         cfg = self.cfg
         self.interrupt = Interrupt()  # from here on, SIGTERM/SIGINT stop at a step boundary
-        resuming = prepare_run_dir(cfg, self.run_dir)
-        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
-        set_seed(cfg.seed)
+        if cfg.trainer.gradient_accumulation_steps < 1:
+            raise UserError(f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps}: use 1 or more")
+        # A rank stuck in a collective (another one crashed or took a different branch) fails after
+        # collective_timeout_s instead of hanging the job.
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
+        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
         self.is_main = self.accelerator.is_main_process
+        if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
+            logging.getLogger("mleps").setLevel(logging.WARNING)
+        resuming = distributed.on_main_then_broadcast(self.accelerator, lambda: prepare_run_dir(cfg, self.run_dir))
+        set_seed(cfg.seed)
         self.metric = metric_from_config(cfg.metric)
         self.eval_metric = metric_from_config(cfg.metric, level="corpus")
 
@@ -192,7 +207,8 @@ class Loop:
             model, tokenizer, meta = load_checkpoint(str(last), trust_remote_code=cfg.model.trust_remote_code)
             self.source_prefix = meta.get("source_prefix", "")
         else:
-            model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
+            with self.accelerator.main_process_first():  # the main process trains and caches the tokenizer
+                model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
         self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
         log.info("model: %s, %.1f M parameters", type(model).__name__, num_parameters(model) / 1e6)
         self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
@@ -214,19 +230,23 @@ class Loop:
         rule = build_rule(tcfg.name, cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
                           accelerator=self.accelerator, seed=self.cfg.seed)
         rule.optimizer = optimizer  # rules that centre proposals on the optimizer's next step read it
-        stream = BatchStream(self.train_ds, tcfg.batch_size, self.cfg.seed,
-                             self.accelerator.process_index, self.accelerator.num_processes)
+        stream = BatchStream(self.train_ds, tcfg.batch_size, self.cfg.seed, self.accelerator.process_index,
+                             self.accelerator.num_processes, tcfg.gradient_accumulation_steps)
         return model, optimizer, scheduler, rule, stream
 
     # -- evaluation ----------------------------------------------------------
     def evaluate(self, step: int, phase: Phase) -> float | None:
         if self.val_ds is None:
             return None
+        distributed.check_in_sync(self.accelerator, self.model, step)
         model = self.accelerator.unwrap_model(self.model)
         t0 = time.perf_counter()
-        hyps = translate(model, self.tokenizer, self.val_ds["source"], self.cfg.decode,
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        # Each process decodes every world-th sentence (a shard may be empty); all gather the texts.
+        hyps = translate(model, self.tokenizer, self.val_ds["source"][rank::world], self.cfg.decode,
                          source_prefix=self.source_prefix, max_source_length=self.cfg.data.max_source_length,
                          progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
+        hyps = distributed.gather_shards(self.accelerator, hyps, len(self.val_ds))
         result = self.eval_metric.corpus_score(hyps, self.val_ds["references"])
         score = result["score"]
         self.logger.write({
@@ -320,18 +340,15 @@ class Loop:
             step = self.state["step"]
             t0 = time.perf_counter()
             local = step - phase.first_step
-            rows = self.train_ds[stream.indices(local)]
-            batch = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in self.collate(rows).items()}
+            micro_batches = self._micro_batches(stream, local, rule.needs_every_micro_batch)
             optimizer.zero_grad(set_to_none=True)
             model.train()
-            # Randomness inside a step (dropout) is a function of (seed, step), like the batch: a resumed
-            # run does not depend on how much randomness setup, evaluation or saving happened to draw.
-            set_seed(self._step_seed(step))
-            stats = rule.step(batch, step)
+            stats = rule.update(micro_batches, step)
             params = [p for p in model.parameters() if p.grad is not None]
             max_norm = tcfg.max_grad_norm if (rule.clip_in_loop and tcfg.max_grad_norm > 0) else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-            if self._step_is_finite(stats, grad_norm):
+            # Every process takes the same decision, or their parameters would part ways.
+            if distributed.all_true(self.accelerator, self._step_is_finite(stats, grad_norm)):
                 rule.apply(optimizer)
                 scheduler.step()
                 self.state["bad_steps_in_a_row"] = 0
@@ -366,8 +383,19 @@ class Loop:
                 break
         bar.close()
 
-    def _step_seed(self, step: int) -> int:
-        return (self.cfg.seed * 1_000_003 + step * 7_919 + 29) % 2**32
+    def _micro_batches(self, stream: BatchStream, local_step: int, everyone: bool) -> list:
+        """This process's micro-batches of the step (or all of them), each with its Shard."""
+        acc = self.accelerator
+        micro = []
+        for index, rows in stream.micro_batches(local_step, everyone):
+            batch = self.collate(self.train_ds[rows])
+            micro.append((index, {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}))
+        own = [b for i, b in micro if i // stream.accumulation == acc.process_index]
+        # The loss normalisers of the global batch: one all-reduce of two numbers.
+        tokens, examples = distributed.sum_ints(acc, [sum(label_tokens(b) for b in own), sum(len(b["references"])
+                                                                                               for b in own)])
+        return [(Shard(index=i, processes=acc.num_processes, tokens=tokens, examples=examples,
+                       local=i // stream.accumulation == acc.process_index), b) for i, b in micro]
 
     @staticmethod
     def _step_is_finite(stats: dict, grad_norm: float) -> bool:

@@ -117,8 +117,12 @@ class Metric:
 
     def task_loss(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
         """``1 - score/100`` in [0, 1]; what the trainers minimise."""
+        return self.task_loss_from_stats(self.stats(hyps, refs))
+
+    def task_loss_from_stats(self, stats: np.ndarray) -> float:
+        """``task_loss`` from (summed) ``stats``: how processes that score shards agree on one loss."""
         # Clip: exp-of-mean-log BLEU can land a rounding error above 100.
-        return min(1.0, max(0.0, 1.0 - self.score(hyps, refs) / 100.0))
+        return min(1.0, max(0.0, 1.0 - self.score_from_stats(stats) / 100.0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r})"

@@ -33,16 +33,17 @@ High level
 Low level (for a trainer that perturbs a live model in place)
 -------------------------------------------------------------
     samples = draw_samples(config, generator)          # K x (perturbation_seed, component)
+    scales = compute_noise_scales(config, guide, len(params))   # σ_j, once
     backup = [p.detach().clone() for p in params]
     stats, losses = [], []
     for sample in samples:
-        stats.append(apply_perturbation_(params, guide, config, sample))
+        stats.append(apply_perturbation_(params, guide, config, sample, scales))
         losses.append(evaluate())                       # e.g. decode a batch, score it
         with torch.no_grad():
             for p, b in zip(params, backup):
                 p.copy_(b)                              # bit-exact restore
     log_weights, info = importance_weights(config, samples, losses, base_loss, stats)
-    update_norm = write_update_(grads, guide, config, samples, log_weights)
+    update_norm = write_update_(grads, guide, config, samples, log_weights, scales)
 
 ``write_update_`` may write into the very tensors that hold ``guide`` (the
 ``.grad`` buffers).  To hand the result to an optimizer that *descends*, negate
@@ -199,34 +200,51 @@ def apply_perturbation_(
     guide: Optional[Sequence[torch.Tensor]],
     config: SearchConfig,
     sample: Sample,
+    noise_scales: Optional[Sequence[float]] = None,
 ) -> PerturbationStats:
-    """θ ← θ + Δ_k in place, tensor by tensor.  Restore θ from a backup copy afterwards."""
+    """θ ← θ + Δ_k in place, tensor by tensor.  Restore θ from a backup copy afterwards.
+
+    ``noise_scales``: the σ_j of ``noise_scales(config, guide)``, computed once per step by a
+    caller that perturbs K times (otherwise recomputed here)."""
     _check_guide(params, guide, config)
-    sums = torch.zeros(6, dtype=torch.float64)
+    if noise_scales is None:
+        noise_scales = compute_noise_scales(config, guide, len(params))
+    device = params[0].device if len(params) else torch.device("cpu")
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # one host sync at the end, not one per tensor
     with torch.no_grad():
         for index, param in enumerate(params):
-            noise_scale = _noise_scale(config, guide, index)
+            noise_scale = noise_scales[index]
             if noise_scale == 0.0:  # relative mode, all-zero guide tensor: μ_j = 0 and no noise
                 continue
-            noise = regenerate_noise(sample, index, param, config)
+            noise = regenerate_noise(sample, index, param, config).flatten()
             delta = noise * noise_scale
             mean = _guided_mean(config, guide, index)
             if mean is None:
-                mean = torch.zeros_like(noise)
-            if sample.component == 1:
-                delta.add_(mean)
-            param.add_(delta.to(param.dtype))
-            noise_dot_mean = torch.dot(noise.flatten(), mean.flatten())
-            mean_sq_norm = mean.square().sum()
+                noise_dot_mean = mean_sq_norm = delta_dot_mean = torch.zeros((), device=device)
+            else:
+                mean = mean.flatten()
+                if sample.component == 1:
+                    delta.add_(mean)
+                noise_dot_mean, mean_sq_norm = torch.dot(noise, mean), torch.dot(mean, mean)
+                delta_dot_mean = torch.dot(delta, mean)
+            param.add_(delta.view_as(param).to(param.dtype))
             sums += torch.stack([
-                noise.square().sum(),
+                torch.dot(noise, noise),
                 noise_dot_mean / noise_scale,
                 mean_sq_norm / noise_scale**2,
-                delta.square().sum(),
-                torch.dot(delta.flatten(), mean.flatten()),
+                torch.dot(delta, delta),
+                delta_dot_mean,
                 mean_sq_norm,
-            ]).double().cpu()
+            ]).double()
     return PerturbationStats(*sums.tolist())
+
+
+def compute_noise_scales(config: SearchConfig, guide, count: int) -> List[float]:
+    """σ_j for each of ``count`` tensors (σ, or σ·mean|guide_j| in relative mode), with one host sync."""
+    if config.noise_mode == "constant":
+        return [config.noise_scale] * count
+    means = torch.stack([g.detach().abs().float().mean() for g in guide]).tolist() if count else []
+    return [config.noise_scale * m for m in means]
 
 
 def importance_weights(
@@ -277,17 +295,20 @@ def write_update_(
     config: SearchConfig,
     samples: Sequence[Sample],
     log_weights: torch.Tensor,
+    noise_scales: Optional[Sequence[float]] = None,
 ) -> float:
     """out[j] ← Σ_k w_k Δ_kj by regeneration; ``out`` may alias ``guide``.  Returns ‖Δθ*‖."""
     _check_guide(out, guide, config)
+    if noise_scales is None:  # read every σ_j before out[j] is overwritten: out may be guide
+        noise_scales = compute_noise_scales(config, guide, len(out))
     weights = log_weights.exp().tolist()
     guided_weight = sum(w for w, s in zip(weights, samples) if s.component == 1)
-    sq_norm = 0.0
+    device = out[0].device if len(out) else torch.device("cpu")
+    sq_norm = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for index, target in enumerate(out):
-            # Read σ_j and μ_j before target[j] is overwritten: target may be guide[j].
-            noise_scale = _noise_scale(config, guide, index)
-            mean = _guided_mean(config, guide, index)
+            noise_scale = noise_scales[index]
+            mean = _guided_mean(config, guide, index)  # read μ_j before target[j] is overwritten
             total = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
             if mean is not None and guided_weight != 0.0:
                 total.add_(mean, alpha=guided_weight)
@@ -296,8 +317,8 @@ def write_update_(
                     if weight != 0.0:
                         total.add_(regenerate_noise(sample, index, target, config), alpha=weight * noise_scale)
             target.copy_(total)
-            sq_norm += float(total.double().square().sum())
-    return math.sqrt(sq_norm)
+            sq_norm += torch.dot(total.flatten(), total.flatten()).double()
+    return math.sqrt(float(sq_norm))
 
 
 def estimate_update(
@@ -344,12 +365,6 @@ def _check_guide(params, guide, config: SearchConfig) -> None:
         return
     if len(guide) != len(params) or any(g.shape != p.shape for g, p in zip(guide, params)):
         raise ValueError("guide must be a list of tensors shaped like params")
-
-
-def _noise_scale(config: SearchConfig, guide, index: int) -> float:
-    if config.noise_mode == "constant":
-        return config.noise_scale
-    return config.noise_scale * float(guide[index].detach().abs().float().mean())
 
 
 def _guided_mean(config: SearchConfig, guide, index: int) -> Optional[torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from mleps.config import register_configs
-from mleps.errors import exit_on_user_error
+from mleps.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("mleps")
 register_configs()
@@ -45,6 +46,9 @@ def main(cfg) -> None:
     from mleps.loop import Loop
     from mleps.plotting import plot_run
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.output_dir and _run_dir(None, cfg.resume, None) is None:
+        # Hydra's dated folder is named by each process's own clock: they could write to two.
+        raise UserError("several processes need one run dir: pass output_dir=PATH")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     loop = Loop(cfg, run_dir)
     loop.setup()

@@ -208,7 +208,8 @@ def warm_model(size: str, args, tokenizer, train_ds, collate, device, log):
     for step in range(args.warm_steps):
         batch = to_device(collate(train_ds[stream.indices(step)]), device)
         opt.zero_grad(set_to_none=True)
-        loss, _ = token_cross_entropy(model, batch, 0.1)
+        loss_sum, tokens = token_cross_entropy(model, batch, 0.1)
+        loss = loss_sum / tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -267,8 +268,8 @@ class Bench:
     def irreducible(self, batch, step):
         from mleps.trainers.base import token_cross_entropy
 
-        loss, _ = token_cross_entropy(self.model, batch)
-        loss.backward()
+        loss_sum, tokens = token_cross_entropy(self.model, batch)
+        (loss_sum / tokens).backward()
         for _ in range(self.args.num_samples + 1):
             self.counter.generate(self.model, batch, max_new_tokens=self.args.max_new_tokens)
 

@@ -3,7 +3,9 @@ no per-sample copies, determinism, and it lowers the batch task loss from a warm
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -95,13 +97,13 @@ def test_inplace_restores_theta_bit_exactly_after_every_sample(setup, monkeypatc
     theta = params_of(model)
     rule = mgs_rule(model, tokenizer, guide="scaled", guide_scale=0.1, apply="optimizer")
     seen = []
-    real = rule._task_loss
+    real = rule._task_stats
 
     def spy(m, b, seed):
         seen.append([p.detach().clone() for p in m.parameters()])
         return real(m, b, seed)
 
-    monkeypatch.setattr(rule, "_task_loss", spy)
+    monkeypatch.setattr(rule, "_task_stats", spy)
     rule.step(batch, step=3)
     # the first decode is θ itself; after the K perturbed decodes θ is back bit for bit
     assert all(torch.equal(a, b) for a, b in zip(seen[0], theta))
@@ -132,14 +134,15 @@ def test_update_equals_hand_computed_weighted_direction(setup, monkeypatch):
     alpha = 0.05
     rule = mgs_rule(model, tokenizer, num_samples=3, proposal="zero", temperature=alpha,
                     guide="scaled", apply="optimizer")
+    rule.metric = build_metric("bleu", "sentence")  # additive statistics: (sum of scores, count)
     stub_losses = iter([0.50, 0.48, 0.55, 0.50])  # C(θ), then C(θ+Δ_k) for k = 1..3
     deltas = []
 
     def stub(m, b, seed):
         deltas.append([p.detach() - t for p, t in zip(m.parameters(), theta)])
-        return next(stub_losses), 0.0
+        return np.array([100 * (1 - next(stub_losses)), 1.0]), 0.0
 
-    monkeypatch.setattr(rule, "_task_loss", stub)
+    monkeypatch.setattr(rule, "_task_stats", stub)
     stats = rule.step(batch, step=0)
     losses = torch.tensor([0.48, 0.55, 0.50], dtype=torch.float64)
     w = torch.softmax(-(losses - 0.50) / alpha, 0)
@@ -224,3 +227,43 @@ def test_mgs_steps_lower_the_batch_task_loss_from_a_warm_model(level):
         changes.append(history[-1] - history[0])
     assert sum(c < 0 for c in changes) >= 2, changes
     assert sum(changes) < 0, changes
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_restores_them_bit_exactly(monkeypatch):
+    """mixed_precision=bf16 (accelerate's autocast): the model computes in bf16 while the weights
+    that MGS perturbs and restores stay fp32, so the restore is still exact."""
+    from accelerate.state import AcceleratorState
+
+    tokenizer = word_tokenizer()
+    model = tiny_model()
+    batch = make_batch(tokenizer, model)
+    AcceleratorState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        model = accelerator.prepare(model)
+        cfg = OmegaConf.merge(OmegaConf.structured(MGSConfig), {"max_new_tokens": 8})
+        rule = build_rule("mgs", cfg=cfg, model=model, tokenizer=tokenizer, metric=build_metric("bleu"),
+                          accelerator=accelerator, seed=0)
+        rule.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=batch["decoder_input_ids"]).logits
+        # accelerate hands the outputs back as fp32, but they are bf16 numbers: autocast ran
+        assert torch.equal(logits, logits.bfloat16().float()), "the forward runs under bf16 autocast"
+        assert model.lm_head.weight.dtype == torch.float32
+        theta = params_of(model)
+        seen = []
+        real = rule._task_stats
+
+        def spy(m, b, seed):
+            seen.append([p.detach().clone() for p in m.parameters()])
+            return real(m, b, seed)
+
+        monkeypatch.setattr(rule, "_task_stats", spy)
+        stats = rule.step(batch, step=0)
+        assert len(seen) == 1 + cfg.num_samples and math.isfinite(stats["task_loss"])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(params_of(model), theta)), "θ restored bit for bit"
+        assert any(not torch.equal(a, b) for a, b in zip(seen[1], theta))
+    finally:
+        AcceleratorState._reset_state()

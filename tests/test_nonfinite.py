@@ -22,11 +22,12 @@ from conftest import REPO
 from mleps.checkpoint import STATE_FILE
 from mleps.errors import BAD_STEPS_EXIT, TrainingDiverged
 from mleps.loop import Loop
+from mleps.trainers.base import Shard
 from test_resume import small_data_dir
 
 NAN_STEP = '''
-def nan_step(self, batch, step, _orig=MLE.step):
-    stats = _orig(self, batch, step)
+def nan_step(self, batch, step, shard=Shard(), _orig=MLE.step):
+    stats = _orig(self, batch, step, shard)
     if {condition}:
         for p in self.model.parameters():
             if p.grad is not None:
@@ -40,8 +41,8 @@ MLE.step = nan_step
 def poison(monkeypatch, bad_steps):
     original = mle.MLE.step
 
-    def nan_step(self, batch, step):
-        stats = original(self, batch, step)
+    def nan_step(self, batch, step, shard=Shard()):
+        stats = original(self, batch, step, shard)
         if step in bad_steps:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -95,9 +96,9 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(base_c
         rule.apply = apply
         real_step = rule.step
 
-        def step(batch, s):
+        def step(batch, s, shard=Shard()):
             snapshots.append((s, [p.detach().clone() for p in model.parameters()]))
-            return real_step(batch, s)
+            return real_step(batch, s, shard)
 
         rule.step = step
         return real_run_phase(phase, model, optimizer, scheduler, rule, stream, interrupt)
@@ -132,7 +133,7 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(base_cfg, tmp_path):
 def test_too_many_bad_steps_exit_3_with_one_line_and_last_good_checkpoint(tmp_path, data_dir):
     run = tmp_path / "run"
     # `python -m mleps.train`, with MLE.step patched to return NaN from step 4 on
-    script = ("import runpy\nfrom mleps.trainers.mle import MLE\n" + NAN_STEP.format(condition="step >= 4")
+    script = ("import runpy\nfrom mleps.trainers.mle import MLE\nfrom mleps.trainers.base import Shard\n" + NAN_STEP.format(condition="step >= 4")
               + "runpy.run_module('mleps.train', run_name='__main__', alter_sys=True)\n")
     overrides = ["trainer=mle", "model.vocab_size=300", "model.d_model=32", "model.layers=1", "model.heads=2",
                  "model.ffn_dim=64", "progress=false", "cpu=true", "decode.max_new_tokens=8",

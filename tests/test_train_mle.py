@@ -31,9 +31,9 @@ def _loss(model, batch):
     was = model.training
     model.eval()
     with torch.no_grad():
-        loss, _ = token_cross_entropy(model, batch)
+        loss_sum, tokens = token_cross_entropy(model, batch)
     model.train(was)
-    return loss.item()
+    return loss_sum.item() / tokens
 
 
 # --------------------------------------------------------------------------- the rule
@@ -42,7 +42,8 @@ def _loss(model, batch):
 def test_token_cross_entropy_is_transformers_own_loss(base_cfg):
     _, model, tok, _, batch = _setup(base_cfg)
     model.eval()
-    ours, tokens = token_cross_entropy(model, batch)
+    ours_sum, tokens = token_cross_entropy(model, batch)
+    ours = ours_sum / tokens
     with torch.no_grad():
         theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        labels=batch["labels"]).loss

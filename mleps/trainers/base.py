@@ -1,18 +1,57 @@
 """The contract between the training loop and an update rule.
 
 The loop owns data, accelerate, the optimizer, logging, evaluation and checkpoints. A rule
-owns its step: `step(batch, step)` leaves a descent direction in every trainable parameter's
-`.grad` (by backward, or by writing it as MGS does) and returns raw float statistics for
-the log; `apply(optimizer)` turns `.grad` into a parameter update.
+owns its step. The loop calls `update(micro_batches, step)` with this process's share of the
+step's global batch; it must leave a descent direction in every trainable parameter's `.grad`
+(by backward, or by writing it as MGS does), identical on every process, and return raw float
+statistics for the log. `apply(optimizer)` then turns `.grad` into a parameter update.
+
+Rules whose gradient is an average over examples (mle, pg, mrt) only write `step(batch, step,
+shard)` for one micro-batch: the default `update` runs it on each micro-batch, with DDP's
+gradient all-reduce held back until the last one, and `Shard` scales each micro-batch's loss
+so that the accumulated, all-reduced gradient is the gradient of the loss on the whole
+global batch.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A micro-batch's place in the step's global batch. The defaults: the whole batch, one process.
+
+    index      micro-batch j of the step (rank * accumulation + micro): seeds this micro-batch's
+               sampling, so a run's samples do not depend on how micro-batches map to processes
+    processes  DDP averages gradients over processes: losses are multiplied back by this
+    tokens     label tokens in the global batch (None: this micro-batch's own)
+    examples   sources in the global batch (None: this micro-batch's own)
+    local      this process's own micro-batch (population MGS also decodes the others')
+    """
+
+    index: int = 0
+    processes: int = 1
+    tokens: int | None = None
+    examples: int | None = None
+    local: bool = True
+
+    def per_token(self, loss_sum: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A sum over this micro-batch's tokens -> its share of the global per-token mean."""
+        return loss_sum * (self.processes / (self.tokens or tokens))
+
+    def per_example(self, loss_sum: torch.Tensor, examples: int) -> torch.Tensor:
+        """A sum over this micro-batch's sources -> its share of the global per-source mean."""
+        return loss_sum * (self.processes / (self.examples or examples))
 
 
 class UpdateRule:
     clip_in_loop = True  # the loop clips .grad to trainer.max_grad_norm before apply()
+    needs_every_micro_batch = False  # True: update() gets the step's whole global batch on every process
 
     def __init__(self, cfg, model, tokenizer, metric, accelerator, seed: int = 0):
         self.cfg = cfg  # the trainer config section
@@ -26,22 +65,45 @@ class UpdateRule:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def step(self, batch: dict, step: int) -> dict[str, float]:
+    def update(self, micro_batches: list[tuple[Shard, dict]], step: int) -> dict[str, float]:
+        """Run `step` on each micro-batch; the gradients add up and are all-reduced once, at the last."""
+        per_micro = []
+        micro_batches = [(shard, batch) for shard, batch in micro_batches if shard.local]
+        for n, (shard, batch) in enumerate(micro_batches):
+            last = n == len(micro_batches) - 1
+            # Randomness inside a micro-batch (dropout) is a function of (seed, step, j), like its rows.
+            set_seed(self.step_seed(step, shard.index) % 2**32)
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                per_micro.append(self.step(batch, step, shard))
+        return mean_stats(per_micro)
+
+    def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
         raise NotImplementedError
 
     def apply(self, optimizer) -> None:
         optimizer.step()
 
-    def step_seed(self, step: int) -> int:
-        """A seed for this step's sampling: a function of (seed, step), so resume needs no RNG replay."""
-        return (self.seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+    def step_seed(self, step: int, index: int = 0) -> int:
+        """A seed for micro-batch `index` of a step: a function of (seed, step, index), so resume
+        needs no RNG replay and every process can compute every other's."""
+        return (self.seed * 1_000_003 + step * 7_919 + index * 104_729 + 17) % (2**63 - 1)
+
+
+def mean_stats(per_micro: list[dict[str, float]]) -> dict[str, float]:
+    if len(per_micro) == 1:
+        return per_micro[0]
+    return {k: sum(s[k] for s in per_micro) / len(per_micro) for k in per_micro[0]}
 
 
 def token_cross_entropy(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Mean token cross-entropy over non-padding labels, and the token count."""
+    """Token cross-entropy summed over non-padding labels, and the token count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    decoder_input_ids=batch["decoder_input_ids"]).logits
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing)
-    return loss, int((labels != -100).sum())
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=label_smoothing, reduction="sum")
+    return loss_sum, int((labels != -100).sum())
+
+
+def label_tokens(batch: dict) -> int:
+    return int((batch["labels"] != -100).sum())

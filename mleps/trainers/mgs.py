@@ -20,18 +20,32 @@ Where the guided component is centred (`trainer.guide`) matters more than anythi
 Perturbations are applied in place to the live parameters, regenerated from their seeds,
 and θ is restored bit-exactly from one backup after each decode (trainer.perturb=inplace);
 trainer.perturb=copy deep-copies the model per sample as the original code does.
+
+Several processes (accelerate launch) never drift apart: g is all-reduced by DDP, the K
+perturbations come from seeds of (seed, step) alone, and the metric's additive statistics
+(BLEU's n-gram counts and lengths, chrF's counts, a sentence metric's sum and count) are
+all-reduced once per step, so every process computes the same K+1 losses, weights and update.
+trainer.parallel says who decodes what:
+  data        every process decodes its shard of the global batch under all K perturbations
+  population  every process decodes the whole global batch under its share (k mod W) of them
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import time
+from dataclasses import astuple, fields
 
+import numpy as np
 import torch
+from accelerate.utils import DistributedType, set_seed
 
 from mleps.decoding import generate, to_texts
 from mleps.errors import UserError
-from mleps.search import SearchConfig, apply_perturbation_, draw_samples, importance_weights, write_update_
-from mleps.trainers.base import UpdateRule, token_cross_entropy
+from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
+                          importance_weights, write_update_)
+from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
 
 
 def search_config(cfg) -> SearchConfig:
@@ -53,24 +67,28 @@ class MGS(UpdateRule):
         cfg = self.cfg
         self.search = search_config(cfg)
         choices = {"guide": ("scaled", "optimizer"), "perturb": ("inplace", "copy"),
-                   "apply": ("optimizer", "sgd"), "decode": ("greedy", "sample")}
+                   "apply": ("optimizer", "sgd"), "decode": ("greedy", "sample"), "parallel": ("data", "population")}
         for key, allowed in choices.items():
             if cfg[key] not in allowed:
                 raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
-        if self.accelerator.num_processes > 1:
-            # Ranks would perturb and update independently and drift apart: refuse rather than diverge.
-            raise UserError("trainer=mgs runs in one process for now: launch it without --num_processes")
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UserError("trainer=mgs perturbs whole parameters in place: run it with DDP "
+                            "(conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
         if cfg.guide == "optimizer" and cfg.apply != "sgd":
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
         self.optimizer = None  # set by the loop
         self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
 
+    @property
+    def needs_every_micro_batch(self) -> bool:  # population search decodes the whole global batch
+        return self.cfg.parallel == "population" and self.accelerator.num_processes > 1
+
     # -- helpers -----------------------------------------------------------------
     def _params(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def _task_loss(self, model, batch: dict, seed: int) -> tuple[float, float]:
-        """(C, decode seconds) for the batch decoded by `model`."""
+    def _task_stats(self, model, batch: dict, seed: int) -> tuple[np.ndarray, float]:
+        """(the metric's additive statistics, decode seconds) for the batch decoded by `model`."""
         t0 = time.perf_counter()
         sample = self.cfg.decode == "sample"
         if sample:  # every perturbed model sees the same sampling noise
@@ -78,14 +96,13 @@ class MGS(UpdateRule):
         ids = generate(model, batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample)
         hyps = to_texts(self.tokenizer, ids)
         decode_s = time.perf_counter() - t0
-        return self.metric.task_loss(hyps, batch["references"]), decode_s
+        return self.metric.stats(hyps, batch["references"]), decode_s
 
     def _snapshot(self, params) -> list[torch.Tensor]:
         if self._backup is None or any(b.shape != p.shape for b, p in zip(self._backup, params)):
             self._backup = [torch.empty_like(p) for p in params]
         with torch.no_grad():
-            for b, p in zip(self._backup, params):
-                b.copy_(p)
+            torch._foreach_copy_(self._backup, params)
         return self._backup
 
     def _optimizer_step_as_guide(self, params, backup) -> None:
@@ -96,73 +113,119 @@ class MGS(UpdateRule):
                 p.grad.copy_(b - p)  # μ = -η·guide = the step itself (η = 1)
                 p.copy_(b)
 
-    # -- the step -------------------------------------------------------------------
-    def step(self, batch: dict, step: int) -> dict[str, float]:
-        cfg, model = self.cfg, self.unwrapped
-        params = self._params(model)
-        times = dict.fromkeys(("gradient_s", "perturb_s", "decode_s", "score_s", "update_s"), 0.0)
-        seed = self.step_seed(step)
-
-        # -- guide: the cross-entropy gradient on the same batch
-        t0 = time.perf_counter()
-        model.train()
-        cross_entropy, _ = token_cross_entropy(model, batch, cfg.label_smoothing)
-        self.accelerator.backward(cross_entropy)
+    def _guide(self, micro_batches, step: int, params) -> tuple[float, float]:
+        """g into .grad: the cross-entropy gradient of the global batch (DDP all-reduces it).
+        Returns (this process's cross-entropy, ‖g‖ before clipping)."""
+        own = [(shard, batch) for shard, batch in micro_batches if shard.local]
+        loss_sum, tokens = 0.0, 0
+        for n, (shard, batch) in enumerate(own):
+            set_seed(self.step_seed(step, shard.index) % 2**32)  # dropout: a function of (seed, step, j)
+            with contextlib.nullcontext() if n == len(own) - 1 else self.accelerator.no_sync(self.model):
+                micro_sum, micro_tokens = token_cross_entropy(self.model, batch, self.cfg.label_smoothing)
+                self.accelerator.backward(shard.per_token(micro_sum, micro_tokens))
+            loss_sum, tokens = loss_sum + micro_sum.item(), tokens + micro_tokens
         for p in params:
             if p.grad is None:  # e.g. parameters the loss does not reach
                 p.grad = torch.zeros_like(p)
-        guide_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.guide_max_norm or float("inf")))
-        if not torch.isfinite(torch.tensor(guide_norm)):
-            return {"loss": float("nan"), "cross_entropy": cross_entropy.item(), "guide_norm": guide_norm}
+        guide_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.guide_max_norm or float("inf")))
+        return loss_sum / tokens, guide_norm
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes > 1:
+            on_device = tensor.to(self.accelerator.device)
+            torch.distributed.all_reduce(on_device)
+            tensor = on_device.cpu()
+        return tensor
+
+    # -- the step -------------------------------------------------------------------
+    def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
+        """One process, one batch: the whole global batch."""
+        return self.update([(shard, batch)], step)
+
+    def update(self, micro_batches: list[tuple[Shard, dict]], step: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.unwrapped
+        params = self._params(model)
+        times = dict.fromkeys(("gradient_s", "perturb_s", "decode_s", "score_s", "update_s"), 0.0)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        own = [(shard, batch) for shard, batch in micro_batches if shard.local]
+        population = self.needs_every_micro_batch
+
+        # -- guide: the cross-entropy gradient on the same batch, identical on every process
+        t0 = time.perf_counter()
+        model.train()
+        cross_entropy, guide_norm = self._guide(micro_batches, step, params)
+        if not math.isfinite(guide_norm):  # g is all-reduced, so every process returns here together
+            return {"loss": float("nan"), "cross_entropy": cross_entropy, "guide_norm": guide_norm}
         guide = [p.grad for p in params]
         backup = self._snapshot(params) if cfg.perturb == "inplace" or cfg.guide == "optimizer" else None
         if cfg.guide == "optimizer":
             self._optimizer_step_as_guide(params, backup)
+        noise_scales = compute_noise_scales(self.search, guide, len(guide))  # σ_j: once per step, one sync
         times["gradient_s"] = time.perf_counter() - t0
 
-        # -- decode with θ
-        base_loss, times["decode_s"] = self._task_loss(model, batch, seed)
+        # -- C(θ): every process decodes its own micro-batches
+        base_stats = None
+        for shard, batch in own:
+            stats, decode_s = self._task_stats(model, batch, self.step_seed(step, shard.index))
+            base_stats = stats if base_stats is None else base_stats + stats
+            times["decode_s"] += decode_s
 
-        # -- perturb, decode, score: K times
-        generator = torch.Generator().manual_seed(seed)
-        samples = draw_samples(self.search, generator)
-        losses, stats = [], []
-        for sample in samples:
+        # -- perturb, decode, score: every sample on every own micro-batch (data), or this
+        #    process's share of the samples on every micro-batch (population)
+        samples = draw_samples(self.search, torch.Generator().manual_seed(self.step_seed(step)))
+        mine = [k for k in range(len(samples)) if not population or k % world == rank]
+        decoded = micro_batches if population else own
+        sample_stats = np.zeros((len(samples), len(base_stats)))
+        perturbation_stats = np.zeros((len(samples), len(fields(PerturbationStats))))
+        for k in mine:
             t0 = time.perf_counter()
             if cfg.perturb == "copy":
                 perturbed = copy.deepcopy(model)
                 target = self._params(perturbed)
             else:
                 perturbed, target = model, params
-            stats.append(apply_perturbation_(target, guide, self.search, sample))
+            perturbation_stats[k] = astuple(apply_perturbation_(target, guide, self.search, samples[k], noise_scales))
             times["perturb_s"] += time.perf_counter() - t0
-            loss, decode_s = self._task_loss(perturbed, batch, seed)
-            losses.append(loss)
-            times["decode_s"] += decode_s
+            for shard, batch in decoded:
+                stats, decode_s = self._task_stats(perturbed, batch, self.step_seed(step, shard.index))
+                sample_stats[k] += stats
+                times["decode_s"] += decode_s
             t0 = time.perf_counter()
             if cfg.perturb == "copy":
                 del perturbed, target
             else:
                 with torch.no_grad():
-                    for p, b in zip(params, backup):
-                        p.copy_(b)
+                    torch._foreach_copy_(params, backup)
             times["perturb_s"] += time.perf_counter() - t0
 
-        # -- weight
+        # -- weight: one all-reduce makes every process hold the same K+1 losses
         t0 = time.perf_counter()
+        if world > 1:
+            if population:  # every process computed C(θ) on its shard, each sample's stats on one process
+                reduced = self._all_reduce(torch.from_numpy(np.concatenate([
+                    base_stats, sample_stats.ravel(), perturbation_stats.ravel()])))
+            else:  # sample statistics add up over shards; the perturbations are the same everywhere
+                reduced = self._all_reduce(torch.from_numpy(np.concatenate([base_stats, sample_stats.ravel()])))
+            base_stats, rest = reduced[:len(base_stats)].numpy(), reduced[len(base_stats):].numpy()
+            sample_stats = rest[:sample_stats.size].reshape(sample_stats.shape)
+            if population:
+                perturbation_stats = rest[sample_stats.size:].reshape(perturbation_stats.shape)
+        base_loss = self.metric.task_loss_from_stats(base_stats)
+        losses = [self.metric.task_loss_from_stats(row) for row in sample_stats]
+        stats = [PerturbationStats(*row.tolist()) for row in perturbation_stats]
         log_weights, info = importance_weights(self.search, samples, losses, base_loss, stats)
         times["score_s"] = time.perf_counter() - t0
 
         # -- update: Δθ* into .grad, negated so that a descending optimizer moves along Δθ*
         t0 = time.perf_counter()
-        update_norm = write_update_(guide, guide, self.search, samples, log_weights)
+        update_norm = write_update_(guide, guide, self.search, samples, log_weights, noise_scales)
         with torch.no_grad():
             for g in guide:
                 g.neg_()
         times["update_s"] = time.perf_counter() - t0
 
         return {
-            "loss": base_loss, "task_loss": base_loss, "cross_entropy": cross_entropy.item(),
+            "loss": base_loss, "task_loss": base_loss, "cross_entropy": cross_entropy,
             "perturbed_loss_min": min(losses), "perturbed_loss_mean": sum(losses) / len(losses),
             "best_improvement": base_loss - min(losses),
             "ess": info["ess"], "weight_entropy": info["weight_entropy"], "guided_weight": info["guided_weight"],

@@ -18,7 +18,7 @@ import time
 import torch
 
 from mleps.decoding import to_texts
-from mleps.trainers.base import UpdateRule, token_cross_entropy
+from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
 from mleps.trainers.sequences import distinct_per_source, eos_ids, pad_rows, sample, sequence_log_probs, trim
 
 
@@ -56,14 +56,14 @@ class MinimumRiskTraining(UpdateRule):
         """The training targets as outputs: decoder start token, then the labels through EOS."""
         return [(start_id, *(t for t in row if t != -100)) for row in batch["labels"].tolist()]
 
-    def step(self, batch: dict, step: int) -> dict[str, float]:
+    def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.num_samples
         refs = batch["references"]
 
         # -- candidates: distinct samples (+ the reference)
         t0 = time.perf_counter()
         ids = sample(self.unwrapped, batch, num_samples=k, temperature=cfg.sample_temperature,
-                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step))
+                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step, shard.index))
         samples = trim(ids, self.eos)
         references = self.reference_ids(batch, start_id=samples[0][0]) if cfg.include_reference else None
         sets = candidate_sets(samples, references, k)
@@ -84,9 +84,13 @@ class MinimumRiskTraining(UpdateRule):
         log_probs, _ = sequence_log_probs(self.model, batch, candidates, source_index, self.eos, lengths)
         risk, q = expected_risk(log_probs, costs, set_sizes, cfg.sharpness)
         with torch.set_grad_enabled(cfg.mle_mix > 0):  # without the mix, cross-entropy is only logged
-            cross_entropy, _ = token_cross_entropy(self.model, batch, cfg.label_smoothing)
-        loss = risk + cfg.mle_mix * cross_entropy if cfg.mle_mix > 0 else risk
-        self.accelerator.backward(loss)
+            cross_entropy_sum, tokens = token_cross_entropy(self.model, batch, cfg.label_smoothing)
+        objective = shard.per_example(risk * len(sets), len(sets))  # risk is a mean over this batch's sources
+        if cfg.mle_mix > 0:
+            objective = objective + cfg.mle_mix * shard.per_token(cross_entropy_sum, tokens)
+        self.accelerator.backward(objective)
+        cross_entropy = cross_entropy_sum.detach() / tokens
+        loss = risk.detach() + cfg.mle_mix * cross_entropy
         backward_s = time.perf_counter() - t0
 
         sampled = torch.tensor([c in samples[i * k:(i + 1) * k] for i, c in owned], device=ids.device)

@@ -21,7 +21,7 @@ import torch
 
 from mleps.decoding import generate, to_texts
 from mleps.errors import UserError
-from mleps.trainers.base import UpdateRule, token_cross_entropy
+from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
 from mleps.trainers.sequences import distinct_per_source, eos_ids, sample, sequence_log_probs, trim
 
 BASELINES = ("loo", "greedy", "none")
@@ -54,7 +54,7 @@ class PolicyGradient(UpdateRule):
             raise UserError("trainer.baseline=loo needs trainer.num_samples >= 2")
         self.eos = eos_ids(self.unwrapped)
 
-    def step(self, batch: dict, step: int) -> dict[str, float]:
+    def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.num_samples
         refs = batch["references"]
         num_sources = len(refs)
@@ -62,7 +62,7 @@ class PolicyGradient(UpdateRule):
         # -- sample K outputs per source (and the greedy output for the self-critical baseline)
         t0 = time.perf_counter()
         ids = sample(self.unwrapped, batch, num_samples=k, temperature=cfg.sample_temperature,
-                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step))
+                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step, shard.index))
         hyps = to_texts(self.tokenizer, ids)
         if cfg.baseline == "greedy":
             greedy = to_texts(self.tokenizer, generate(self.unwrapped, batch, max_new_tokens=cfg.max_new_tokens))
@@ -88,11 +88,16 @@ class PolicyGradient(UpdateRule):
         t0 = time.perf_counter()
         source_index = torch.arange(num_sources, device=ids.device).repeat_interleave(k)
         log_probs, lengths = sequence_log_probs(self.model, batch, ids, source_index, self.eos)
-        pg_loss = reinforce_loss(log_probs, advantages.flatten())
+        # Means over the global batch: each source's K samples, averaged over sources (Shard).
+        pg_loss_sum = reinforce_loss(log_probs, advantages.flatten()) * num_sources
         with torch.set_grad_enabled(cfg.mle_mix > 0):  # without the mix, cross-entropy is only logged
-            cross_entropy, _ = token_cross_entropy(self.model, batch, cfg.label_smoothing)
-        loss = pg_loss + cfg.mle_mix * cross_entropy if cfg.mle_mix > 0 else pg_loss
-        self.accelerator.backward(loss)
+            cross_entropy_sum, tokens = token_cross_entropy(self.model, batch, cfg.label_smoothing)
+        objective = shard.per_example(pg_loss_sum, num_sources)
+        if cfg.mle_mix > 0:
+            objective = objective + cfg.mle_mix * shard.per_token(cross_entropy_sum, tokens)
+        self.accelerator.backward(objective)
+        pg_loss, cross_entropy = pg_loss_sum.detach() / num_sources, cross_entropy_sum.detach() / tokens
+        loss = pg_loss + cfg.mle_mix * cross_entropy
         backward_s = time.perf_counter() - t0
 
         return {

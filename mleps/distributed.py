@@ -1,0 +1,94 @@
+"""The few collectives the loop needs beyond what accelerate's DDP does for gradients.
+
+Every function is a no-op returning its input when there is one process, so the loop reads the
+same either way. Each is called by every process at the same point: a process that skipped
+one would leave the others waiting, which `collective_timeout_s` turns into an error.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import broadcast_object_list, gather_object
+
+from mleps.errors import RanksDiverged, UserError
+
+
+class ReportedByMain(UserError):
+    """The main process's UserError, raised again on the others so every process exits with its
+    code; only the main process prints it."""
+
+    reported_by_main = True
+
+
+def on_main_then_broadcast(accelerator, fn):
+    """fn() on the main process only (e.g. preparing the run dir); its result, or its UserError,
+    reaches every process."""
+    if accelerator.num_processes == 1:
+        return fn()
+    payload = [None]
+    if accelerator.is_main_process:
+        try:
+            payload = [("ok", fn())]
+        except UserError as e:
+            payload = [("error", str(e), e.exit_code)]
+    broadcast_object_list(payload)
+    outcome = payload[0]
+    if outcome[0] == "error":
+        if accelerator.is_main_process:
+            raise UserError(outcome[1]).with_code(outcome[2])
+        raise ReportedByMain(outcome[1]).with_code(outcome[2])
+    return outcome[1]
+
+
+def all_true(accelerator, flag: bool) -> bool:
+    """True on every process when it is true on every process."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def sum_ints(accelerator, values: list[int]) -> list[int]:
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=accelerator.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_shards(accelerator, shard: list, total: int) -> list:
+    """Items i = rank, rank + W, ... from each process, back in their order 0..total-1."""
+    world = accelerator.num_processes
+    if world == 1:
+        return shard
+    shards = gather_object([shard])  # one list per process, in rank order
+    return [shards[i % world][i // world] for i in range(total)]
+
+
+def parameter_fingerprint(model) -> torch.Tensor:
+    """One int64 per parameter: the sum of its bits read as integers. Any change of one element
+    changes it, so equal fingerprints mean (all but certainly) bit-identical parameters."""
+    sums = []
+    for p in model.parameters():
+        as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[p.element_size()]
+        sums.append(p.detach().contiguous().view(as_int).to(torch.int64).sum())
+    return torch.stack(sums)
+
+
+def check_in_sync(accelerator, model, step: int) -> None:
+    """Raise RanksDiverged, on every process, unless every process holds the same parameters."""
+    if accelerator.num_processes == 1:
+        return
+    model = accelerator.unwrap_model(model)
+    mine = parameter_fingerprint(model).to(accelerator.device)
+    everyone = accelerator.gather(mine.unsqueeze(0)).cpu()  # (processes, parameters)
+    differs = (everyone != everyone[0]).nonzero()
+    if len(differs):
+        rank, index = differs[0].tolist()
+        name = [n for n, _ in model.named_parameters()][index]
+        error = RanksDiverged(
+            f"processes hold different parameters at step {step} (first: {name} on rank {rank} differs from rank 0): "
+            f"the update is not identical on every process, a bug; please report it with the command you ran")
+        error.reported_by_main = not accelerator.is_main_process
+        raise error
