@@ -49,6 +49,15 @@ def all_true(accelerator, flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_of_each(accelerator, flags: list[bool]) -> list[bool]:
+    """Flag i is true on every process when it is true on any process."""
+    if accelerator.num_processes == 1:
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
 def sum_ints(accelerator, values: list[int]) -> list[int]:
     if accelerator.num_processes == 1:
         return values

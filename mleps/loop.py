@@ -372,13 +372,18 @@ class Loop:
                 self.evaluate(done, phase)
             if done % tcfg.save_every == 0 and done < phase.last_step:
                 self.save("last", optimizer, scheduler)
-            if interrupt.signum is not None:
+            # Signals and clocks reach processes at different moments: they stop at the same step or
+            # one would wait forever in a collective the other never joins.
+            out_of_time = tcfg.max_train_s is not None and self.state["train_s"] - budget_start_s >= tcfg.max_train_s
+            signalled, out_of_time = distributed.any_of_each(self.accelerator, [interrupt.signum is not None,
+                                                                                 out_of_time])
+            if signalled:
                 self.save("last", optimizer, scheduler)
                 bar.close()
-                log.warning("signal %d: saved %s at step %d; continue with resume=true",
-                            interrupt.signum, self.ckpt_dir / "last", done)
+                log.warning("signal %s: saved %s at step %d; continue with resume=true",
+                            interrupt.signum or "(on another process)", self.ckpt_dir / "last", done)
                 raise SystemExit(INTERRUPTED_EXIT)
-            if tcfg.max_train_s is not None and self.state["train_s"] - budget_start_s >= tcfg.max_train_s:
+            if out_of_time:
                 log.info("%s: trainer.max_train_s=%s reached at step %d", phase.name, tcfg.max_train_s, done)
                 break
         bar.close()

@@ -185,3 +185,36 @@ def test_several_processes_need_an_output_dir(monkeypatch, capfd):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_main("mleps.train", "trainer=mle", capfd=capfd)
     assert_user_error(code, err, "output_dir=PATH")
+
+
+def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(tmp_path, data_dir):
+    """torchrun forwards SIGTERM to every process, each at its own moment; they agree on the step to
+    stop at (or one would wait forever in the other's next collective), save, and exit 130."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(REPO / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29551",
+                             "-m", "mleps.train", *overrides(data_dir, "mle"), "trainer.max_steps=100000",
+                             "trainer.eval_every=100000", f"output_dir={run}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            steps = [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["split"] == "train"] \
+                if (run / "metrics.jsonl").exists() else []
+            if steps and steps[-1] >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stops = [line for line in (run / "train.log").read_text().splitlines() if "continue with resume=true" in line]
+    assert len(stops) == 2 and len({line.split(" at step ")[1] for line in stops}) == 1, stops
+    state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+    steps = [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["split"] == "train"]
+    assert state["step"] == steps[-1] >= 3, "the checkpoint is of the step both processes stopped at"
