@@ -130,7 +130,7 @@ class SequenceSamplingConfig(TrainerConfig):
 class PGConfig(SequenceSamplingConfig):
     name: str = "pg"
     baseline: str = "loo"  # loo | greedy | none
-    standardize: bool = False
+    standardize: bool = False  # unit-RMS advantages over each micro-batch
 
 
 @dataclass

@@ -84,6 +84,19 @@ def params_of(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def record_decoded_parameters(rule, monkeypatch) -> list[list[torch.Tensor]]:
+    """The parameters of the model at each decode of the rule's step, in order."""
+    seen = []
+    real = rule._task_stats
+
+    def spy(m, b, seed):
+        seen.append([p.detach().clone() for p in m.parameters()])
+        return real(m, b, seed)
+
+    monkeypatch.setattr(rule, "_task_stats", spy)
+    return seen
+
+
 @pytest.fixture
 def setup():
     tokenizer = word_tokenizer()
@@ -96,14 +109,7 @@ def test_inplace_restores_theta_bit_exactly_after_every_sample(setup, monkeypatc
     model, tokenizer, batch = setup
     theta = params_of(model)
     rule = mgs_rule(model, tokenizer, guide="scaled", guide_scale=0.1, apply="optimizer")
-    seen = []
-    real = rule._task_stats
-
-    def spy(m, b, seed):
-        seen.append([p.detach().clone() for p in m.parameters()])
-        return real(m, b, seed)
-
-    monkeypatch.setattr(rule, "_task_stats", spy)
+    seen = record_decoded_parameters(rule, monkeypatch)
     rule.step(batch, step=3)
     # the first decode is θ itself; after the K perturbed decodes θ is back bit for bit
     assert all(torch.equal(a, b) for a, b in zip(seen[0], theta))
@@ -252,14 +258,7 @@ def test_bf16_autocast_keeps_fp32_weights_and_restores_them_bit_exactly(monkeypa
         assert torch.equal(logits, logits.bfloat16().float()), "the forward runs under bf16 autocast"
         assert model.lm_head.weight.dtype == torch.float32
         theta = params_of(model)
-        seen = []
-        real = rule._task_stats
-
-        def spy(m, b, seed):
-            seen.append([p.detach().clone() for p in m.parameters()])
-            return real(m, b, seed)
-
-        monkeypatch.setattr(rule, "_task_stats", spy)
+        seen = record_decoded_parameters(rule, monkeypatch)
         stats = rule.step(batch, step=0)
         assert len(seen) == 1 + cfg.num_samples and math.isfinite(stats["task_loss"])
         assert all(p.dtype == torch.float32 for p in model.parameters())
