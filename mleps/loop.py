@@ -395,12 +395,13 @@ class Loop:
         for index, rows in stream.micro_batches(local_step, everyone):
             batch = self.collate(self.train_ds[rows])
             micro.append((index, {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}))
-        own = [b for i, b in micro if i // stream.accumulation == acc.process_index]
+        is_own = [i // stream.accumulation == acc.process_index for i, _ in micro]
+        own = [b for (_, b), mine in zip(micro, is_own) if mine]
         # The loss normalisers of the global batch: one all-reduce of two numbers.
-        tokens, examples = distributed.sum_ints(acc, [sum(label_tokens(b) for b in own), sum(len(b["references"])
-                                                                                               for b in own)])
-        return [(Shard(index=i, processes=acc.num_processes, tokens=tokens, examples=examples,
-                       local=i // stream.accumulation == acc.process_index), b) for i, b in micro]
+        tokens, examples = distributed.sum_ints(acc, [sum(label_tokens(b) for b in own),
+                                                      sum(len(b["references"]) for b in own)])
+        return [(Shard(index=i, processes=acc.num_processes, tokens=tokens, examples=examples, local=mine), b)
+                for (i, b), mine in zip(micro, is_own)]
 
     @staticmethod
     def _step_is_finite(stats: dict, grad_norm: float) -> bool:
