@@ -55,6 +55,10 @@ class Phase:
         return self.first_step + self.steps
 
 
+def _has_gpu() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def make_phases(trainer_cfg) -> list[Phase]:
     phases = []
     if trainer_cfg.warm_start_steps > 0:
@@ -191,7 +195,14 @@ class Loop:
         # A rank stuck in a collective (another one crashed or took a different branch) fails after
         # collective_timeout_s instead of hanging the job.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
-        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # Without cpu=True accelerate does not join CPU processes into one group: each would train
+        # alone, into the same run dir.
+        cpu = cfg.cpu or (launched > 1 and not _has_gpu())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
+        if self.accelerator.num_processes != launched:
+            raise UserError(f"launched as {launched} processes, but accelerate joined {self.accelerator.num_processes}: "
+                            f"on a machine without GPUs pass cpu=true")
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
             logging.getLogger("mleps").setLevel(logging.WARNING)
