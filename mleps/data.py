@@ -183,9 +183,11 @@ class BatchStream:
     def micro_batches(self, step: int, everyone: bool = False) -> list[tuple[int, list[int]]]:
         """(micro-batch index j, row indices) of this process's micro-batches, or all of them."""
         rows = self.global_indices(step)
-        owned = range(self.count) if everyone else range(self.rank * self.accumulation,
-                                                          (self.rank + 1) * self.accumulation)
-        return [(j, rows[j::self.count]) for j in owned]
+        return [(j, rows[j::self.count]) for j in range(self.count) if everyone or self.owns(j)]
+
+    def owns(self, j: int) -> bool:
+        """Whether micro-batch j is this process's."""
+        return j // self.accumulation == self.rank
 
     def indices(self, step: int) -> list[int]:
         """This process's rows of the step (all its micro-batches)."""

@@ -6,6 +6,7 @@ one would leave the others waiting, which `collective_timeout_s` turns into an e
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate.utils import broadcast_object_list, gather_object
@@ -40,30 +41,38 @@ def on_main_then_broadcast(accelerator, fn):
     return outcome[1]
 
 
+def _all_reduce(accelerator, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    on_device = tensor.to(accelerator.device)
+    dist.all_reduce(on_device, op=op)
+    return on_device.cpu()
+
+
 def all_true(accelerator, flag: bool) -> bool:
     """True on every process when it is true on every process."""
     if accelerator.num_processes == 1:
         return flag
-    t = torch.tensor([int(flag)], device=accelerator.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(_all_reduce(accelerator, torch.tensor([int(flag)]), dist.ReduceOp.MIN).item())
 
 
 def any_of_each(accelerator, flags: list[bool]) -> list[bool]:
     """Flag i is true on every process when it is true on any process."""
     if accelerator.num_processes == 1:
         return flags
-    t = torch.tensor([int(f) for f in flags], device=accelerator.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(x) for x in t.tolist()]
+    reduced = _all_reduce(accelerator, torch.tensor([int(f) for f in flags]), dist.ReduceOp.MAX)
+    return [bool(x) for x in reduced.tolist()]
 
 
 def sum_ints(accelerator, values: list[int]) -> list[int]:
     if accelerator.num_processes == 1:
         return values
-    t = torch.tensor(values, dtype=torch.int64, device=accelerator.device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(accelerator, torch.tensor(values, dtype=torch.int64)).tolist()
+
+
+def sum_array(accelerator, values: np.ndarray) -> np.ndarray:
+    """Element-wise sum over processes (float64: exact for counts, as metric statistics are)."""
+    if accelerator.num_processes == 1:
+        return values
+    return _all_reduce(accelerator, torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
 
 
 def gather_shards(accelerator, shard: list, total: int) -> list:

@@ -191,7 +191,8 @@ class Loop:
         cfg = self.cfg
         self.interrupt = Interrupt()  # from here on, SIGTERM/SIGINT stop at a step boundary
         if cfg.trainer.gradient_accumulation_steps < 1:
-            raise UserError(f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps}: use 1 or more")
+            raise UserError(f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps}: "
+                            f"use 1 or more")
         # A rank stuck in a collective (another one crashed or took a different branch) fails after
         # collective_timeout_s instead of hanging the job.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
@@ -201,8 +202,8 @@ class Loop:
         cpu = cfg.cpu or (launched > 1 and not _has_gpu())
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
         if self.accelerator.num_processes != launched:
-            raise UserError(f"launched as {launched} processes, but accelerate joined {self.accelerator.num_processes}: "
-                            f"on a machine without GPUs pass cpu=true")
+            raise UserError(f"launched as {launched} processes, but accelerate joined "
+                            f"{self.accelerator.num_processes}: on a machine without GPUs pass cpu=true")
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
             logging.getLogger("mleps").setLevel(logging.WARNING)
@@ -406,13 +407,12 @@ class Loop:
         for index, rows in stream.micro_batches(local_step, everyone):
             batch = self.collate(self.train_ds[rows])
             micro.append((index, {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}))
-        is_own = [i // stream.accumulation == acc.process_index for i, _ in micro]
-        own = [b for (_, b), mine in zip(micro, is_own) if mine]
+        own = [b for i, b in micro if stream.owns(i)]
         # The loss normalisers of the global batch: one all-reduce of two numbers.
         tokens, examples = distributed.sum_ints(acc, [sum(label_tokens(b) for b in own),
                                                       sum(len(b["references"]) for b in own)])
-        return [(Shard(index=i, processes=acc.num_processes, tokens=tokens, examples=examples, local=mine), b)
-                for (i, b), mine in zip(micro, is_own)]
+        return [(Shard(index=i, processes=acc.num_processes, tokens=tokens, examples=examples,
+                       local=stream.owns(i)), b) for i, b in micro]
 
     @staticmethod
     def _step_is_finite(stats: dict, grad_norm: float) -> bool:

@@ -204,7 +204,7 @@ def apply_perturbation_(
 ) -> PerturbationStats:
     """θ ← θ + Δ_k in place, tensor by tensor.  Restore θ from a backup copy afterwards.
 
-    ``noise_scales``: the σ_j of ``noise_scales(config, guide)``, computed once per step by a
+    ``noise_scales``: the σ_j of ``compute_noise_scales``, computed once per step by a
     caller that perturbs K times (otherwise recomputed here)."""
     _check_guide(params, guide, config)
     if noise_scales is None:

@@ -66,16 +66,18 @@ class UpdateRule:
         return self.accelerator.unwrap_model(self.model)
 
     def update(self, micro_batches: list[tuple[Shard, dict]], step: int) -> dict[str, float]:
-        """Run `step` on each micro-batch; the gradients add up and are all-reduced once, at the last."""
-        per_micro = []
-        micro_batches = [(shard, batch) for shard, batch in micro_batches if shard.local]
-        for n, (shard, batch) in enumerate(micro_batches):
-            last = n == len(micro_batches) - 1
-            # Randomness inside a micro-batch (dropout) is a function of (seed, step, j), like its rows.
+        """Run `step` on each of this process's micro-batches."""
+        return mean_stats([self.step(batch, step, shard) for shard, batch in self.backward_passes(micro_batches, step)])
+
+    def backward_passes(self, micro_batches: list[tuple[Shard, dict]], step: int):
+        """This process's micro-batches, each yielded inside the context its backward needs: dropout
+        seeded by (seed, step, j), like its rows, and DDP's all-reduce held back until the last, so the
+        gradients add up and are all-reduced once."""
+        own = [(shard, batch) for shard, batch in micro_batches if shard.local]
+        for n, (shard, batch) in enumerate(own):
             set_seed(self.step_seed(step, shard.index) % 2**32)
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                per_micro.append(self.step(batch, step, shard))
-        return mean_stats(per_micro)
+            with contextlib.nullcontext() if n == len(own) - 1 else self.accelerator.no_sync(self.model):
+                yield shard, batch
 
     def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
         raise NotImplementedError

@@ -31,7 +31,6 @@ trainer.parallel says who decodes what:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -39,8 +38,9 @@ from dataclasses import astuple, fields
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 
+from mleps import distributed
 from mleps.decoding import generate, to_texts
 from mleps.errors import UserError
 from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
@@ -116,26 +116,16 @@ class MGS(UpdateRule):
     def _guide(self, micro_batches, step: int, params) -> tuple[float, float]:
         """g into .grad: the cross-entropy gradient of the global batch (DDP all-reduces it).
         Returns (this process's cross-entropy, ‖g‖ before clipping)."""
-        own = [(shard, batch) for shard, batch in micro_batches if shard.local]
         loss_sum, tokens = 0.0, 0
-        for n, (shard, batch) in enumerate(own):
-            set_seed(self.step_seed(step, shard.index) % 2**32)  # dropout: a function of (seed, step, j)
-            with contextlib.nullcontext() if n == len(own) - 1 else self.accelerator.no_sync(self.model):
-                micro_sum, micro_tokens = token_cross_entropy(self.model, batch, self.cfg.label_smoothing)
-                self.accelerator.backward(shard.per_token(micro_sum, micro_tokens))
+        for shard, batch in self.backward_passes(micro_batches, step):
+            micro_sum, micro_tokens = token_cross_entropy(self.model, batch, self.cfg.label_smoothing)
+            self.accelerator.backward(shard.per_token(micro_sum, micro_tokens))
             loss_sum, tokens = loss_sum + micro_sum.item(), tokens + micro_tokens
         for p in params:
             if p.grad is None:  # e.g. parameters the loss does not reach
                 p.grad = torch.zeros_like(p)
         guide_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.guide_max_norm or float("inf")))
         return loss_sum / tokens, guide_norm
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes > 1:
-            on_device = tensor.to(self.accelerator.device)
-            torch.distributed.all_reduce(on_device)
-            tensor = on_device.cpu()
-        return tensor
 
     # -- the step -------------------------------------------------------------------
     def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
@@ -202,11 +192,11 @@ class MGS(UpdateRule):
         t0 = time.perf_counter()
         if world > 1:
             if population:  # every process computed C(θ) on its shard, each sample's stats on one process
-                reduced = self._all_reduce(torch.from_numpy(np.concatenate([
-                    base_stats, sample_stats.ravel(), perturbation_stats.ravel()])))
+                reduced = distributed.sum_array(self.accelerator, np.concatenate([
+                    base_stats, sample_stats.ravel(), perturbation_stats.ravel()]))
             else:  # sample statistics add up over shards; the perturbations are the same everywhere
-                reduced = self._all_reduce(torch.from_numpy(np.concatenate([base_stats, sample_stats.ravel()])))
-            base_stats, rest = reduced[:len(base_stats)].numpy(), reduced[len(base_stats):].numpy()
+                reduced = distributed.sum_array(self.accelerator, np.concatenate([base_stats, sample_stats.ravel()]))
+            base_stats, rest = reduced[:len(base_stats)], reduced[len(base_stats):]
             sample_stats = rest[:sample_stats.size].reshape(sample_stats.shape)
             if population:
                 perturbation_stats = rest[sample_stats.size:].reshape(perturbation_stats.shape)
