@@ -77,6 +77,7 @@ class TrainerConfig:
     save_every: int = 500
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     max_train_s: Optional[float] = None  # stop the phase after this much training time (equal-time comparisons)
+    patience: Optional[int] = None  # end the phase after this many evaluations without a new best (null = off)
     # The paper's recipe: MLE from scratch, then this rule. Skipped when 0.
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3

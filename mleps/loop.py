@@ -147,6 +147,8 @@ def prepare_run_dir(cfg, run_dir: Path) -> bool:
     """Refuse to mix two runs in one folder. Returns True when resuming."""
     run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for the CLI; not for Loop used as a library
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if cfg.resume or holds_run and cfg.overwrite:  # written again when this run finishes
+        (run_dir / "summary.json").unlink(missing_ok=True)
     if cfg.resume:
         last = find_complete(run_dir / "checkpoints" / "last")
         if last is not None:
@@ -272,8 +274,15 @@ class Loop:
         if self.state["best_score"] is None or score > self.state["best_score"]:
             self.state["best_score"] = score
             self.state["best_step"] = step
+            self.state["evals_without_improvement"] = 0
             self.save("best")
+        else:
+            self.state["evals_without_improvement"] = self.state.get("evals_without_improvement", 0) + 1
         return score
+
+    def _out_of_patience(self, tcfg) -> bool:
+        """trainer.patience evaluations in a row without a new best (counted within the phase)."""
+        return bool(tcfg.patience) and self.state.get("evals_without_improvement", 0) >= tcfg.patience
 
     # -- checkpoints -----------------------------------------------------------
     def meta(self) -> dict:
@@ -310,7 +319,8 @@ class Loop:
             log.info("resuming %s at step %d", self.run_dir, self.state["step"])
         summary = {"run_dir": str(self.run_dir), "phases": []}
         for phase in self.phases:
-            if self.state["step"] >= phase.last_step:  # finished before a resume
+            finished = self.state["step"] >= phase.last_step or phase.name in self.state.get("early_stopped", {})
+            if finished:  # before a resume
                 summary["phases"].append(self._phase_summary(phase))
                 continue
             model, optimizer, scheduler, rule, stream = self._setup_phase(phase)
@@ -321,6 +331,8 @@ class Loop:
                 self.resume_from = None
             self.state["phase"] = phase.name
             at_start = self.state["step"] == phase.first_step
+            if at_start:  # patience counts this phase's evaluations only
+                self.state["evals_without_improvement"] = 0
             if at_start and phase.name == "main" and phase.first_step > 0:
                 self.save("warm_start")  # the common starting point for comparing rules (init_from=...)
             if at_start and phase.name == "main":  # a warm start begins from random weights: nothing to measure
@@ -339,6 +351,7 @@ class Loop:
 
     def _phase_summary(self, phase: Phase) -> dict:
         return {"phase": phase.name, "trainer": phase.trainer.name, "steps": phase.steps,
+                "early_stop_step": self.state.get("early_stopped", {}).get(phase.name),
                 "start_score": self.state.get("phase_start_scores", {}).get(phase.name),
                 "end_score": self.state.get("phase_end_scores", {}).get(phase.name, self.state.get("last_score"))}
 
@@ -382,6 +395,8 @@ class Loop:
                 window = {}
             if (done - phase.first_step) % tcfg.eval_every == 0:
                 self.evaluate(done, phase)
+            # The decision comes from the same gathered score on every process: no extra agreement needed.
+            early_stop = self.val_ds is not None and self._out_of_patience(tcfg)
             if done % tcfg.save_every == 0 and done < phase.last_step:
                 self.save("last", optimizer, scheduler)
             # Signals and clocks reach processes at different moments: they stop at the same step or
@@ -397,6 +412,15 @@ class Loop:
                 raise SystemExit(INTERRUPTED_EXIT)
             if out_of_time:
                 log.info("%s: trainer.max_train_s=%s reached at step %d", phase.name, tcfg.max_train_s, done)
+                break
+            if early_stop:
+                msg = (f"{phase.name}: early stop at step {done}: {tcfg.patience} evaluations without a better "
+                       f"validation score; best {self.state['best_score']:.2f} at step {self.state.get('best_step')} "
+                       f"is checkpoints/best")
+                log.warning(msg)
+                self.logger.write({"step": done, "split": "train", "phase": phase.name, "event": "early_stop",
+                                   "best_step": self.state.get("best_step"), "best_score": self.state["best_score"]})
+                self.state.setdefault("early_stopped", {})[phase.name] = done
                 break
         bar.close()
 

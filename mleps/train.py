@@ -37,6 +37,8 @@ def summary_table(summary: dict, metric: str) -> str:
     for p in summary["phases"]:
         fmt = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
         lines.append(f"{p['phase']:<12}{p['trainer']:<9}{p['steps']:>7}{fmt(p['start_score']):>14}{fmt(p['end_score']):>14}")
+        if p.get("early_stop_step") is not None:
+            lines.append(f"{'':<12}early stop at step {p['early_stop_step']} (trainer.patience); best: checkpoints/best")
     return "\n".join(lines)
 
 
@@ -59,6 +61,10 @@ def main(cfg) -> None:
         print(summary_table(summary, loop.eval_metric.name))
         print(f"run dir: {run_dir}" + (f"   plot: {plot}" if plot else ""))
         print(json.dumps(summary))
+        # A finished run says so: drivers (scripts/reproduce.py) skip runs that have it and resume the others.
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(run_dir / "summary.json")
 
 
 if __name__ == "__main__":

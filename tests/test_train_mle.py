@@ -259,3 +259,44 @@ def test_an_output_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tm
     assert [e["step"] for e in fresh if e["split"] == "train"] == [1, 2]
     assert json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == 2
 
+
+
+def test_patience_ends_the_phase_at_the_right_evaluation_and_keeps_the_best(tmp_path, capfd, pairs_file):
+    """lr 0: no evaluation after step 0 can beat it, so patience 2 at eval_every 1 stops at step 2,
+    with checkpoints/best from step 0; a resume of the finished run trains no further."""
+    args = _train_args(tmp_path, pairs_file, None, "trainer.max_steps=10", "trainer.eval_every=1",
+                       "trainer.lr=0.0", "trainer.patience=2")
+    code, out, err = _train(tmp_path, capfd, *args)
+    assert code == 0, err
+    run = tmp_path / "run"
+    events = read_jsonl(run / "metrics.jsonl")
+    assert [e["step"] for e in events if e["split"] == "validation"] == [0, 1, 2]
+    stop = [e for e in events if e.get("event") == "early_stop"]
+    assert len(stop) == 1 and stop[0]["step"] == 2 and stop[0]["best_step"] == 0
+    assert "early stop at step 2" in out
+    assert json.loads((run / "checkpoints" / "best" / "trainer_state.json").read_text())["step"] == 0
+    assert json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == 2
+    assert '"early_stop_step": 2' in out
+    assert json.loads((run / "summary.json").read_text())["phases"][0]["early_stop_step"] == 2
+
+    code, _, err = _train(tmp_path, capfd, *args, "resume=true")
+    assert code == 0, err
+    assert read_jsonl(run / "metrics.jsonl") == events
+
+
+def test_patience_counts_from_the_last_improvement(tmp_path, capfd, pairs_file):
+    """A learning model improves for a while: the stop comes patience evaluations after the best one."""
+    args = _train_args(tmp_path, pairs_file, None, "trainer.max_steps=40", "trainer.eval_every=2",
+                       "trainer.lr=3e-3", "trainer.patience=2")
+    code, _, err = _train(tmp_path, capfd, *args)
+    assert code == 0, err
+    events = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    scores = [(e["step"], e["score"]) for e in events if e["split"] == "validation"]
+    best_step, best = max(scores, key=lambda s: (s[1], -s[0]))  # the first step reaching the best score
+    stop = [e for e in events if e.get("event") == "early_stop"]
+    if stop:  # stopped: exactly two evaluations after the best, none of them better
+        assert stop[0]["step"] == best_step + 4 == scores[-1][0]
+    else:  # ran out of steps with fewer than two evaluations since the best
+        assert scores[-1][0] - best_step < 4
+    state = json.loads((tmp_path / "run" / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert state["step"] == best_step and state["best_score"] == pytest.approx(best)
