@@ -87,16 +87,23 @@ class MGS(UpdateRule):
     def _params(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def _task_stats(self, model, batch: dict, seed: int) -> tuple[np.ndarray, float]:
-        """(the metric's additive statistics, decode seconds) for the batch decoded by `model`."""
-        t0 = time.perf_counter()
+    def _decode(self, model, batch: dict, seed: int) -> torch.Tensor:
+        """The batch's output ids under `model` (greedy, or sampled with the same noise for every model)."""
         sample = self.cfg.decode == "sample"
         if sample:  # every perturbed model sees the same sampling noise
             torch.manual_seed(seed)
-        ids = generate(model, batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample)
-        hyps = to_texts(self.tokenizer, ids)
+        return generate(model, batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample)
+
+    def _score(self, ids: torch.Tensor, batch: dict) -> np.ndarray:
+        """The task loss's additive statistics of decoded `ids` against the batch's references."""
+        return self.metric.stats(to_texts(self.tokenizer, ids), batch["references"])
+
+    def _task_stats(self, model, batch: dict, seed: int) -> tuple[np.ndarray, float]:
+        """(the task loss's additive statistics, decode seconds) for the batch decoded by `model`."""
+        t0 = time.perf_counter()
+        ids = self._decode(model, batch, seed)
         decode_s = time.perf_counter() - t0
-        return self.metric.stats(hyps, batch["references"]), decode_s
+        return self._score(ids, batch), decode_s
 
     def _snapshot(self, params) -> list[torch.Tensor]:
         if self._backup is None or any(b.shape != p.shape for b, p in zip(self._backup, params)):
