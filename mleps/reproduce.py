@@ -1,0 +1,458 @@
+"""The paper's comparison in one resumable command: python scripts/reproduce.py mt|summarization|scratch
+
+Stages, each a list of subprocesses (`python -m mleps.train ...` / `python -m mleps.evaluate ...`,
+one log file each, `progress=false`):
+
+  base         MLE to its validation optimum (early stopping), or --base PATH
+  calibration  a few steps of each rule from the base, in interleaved rounds: seconds per step
+  lr_search    continued MLE at a few learning rates, seed 0, judged on validation only
+  arms         every rule from the base's best checkpoint, per seed, at equal training time and at
+               equal steps; each evaluates ~4 times on validation and keeps its best checkpoint
+  test         mleps.evaluate of the base and of every arm's best checkpoint, greedy and beam 4
+
+then the report (mleps/reproduce_report.py): tables, paired bootstrap, plots, JSON and CSV.
+
+Equal training time without depending on the machine's load: the calibration converts the time
+budget T into a step count per rule, steps_r = round(T / s_r), and the arms run those fixed
+step counts (deterministic, so a run repeated on a busy machine gives the same numbers). Equal
+steps: N = MGS's count for every rule; MGS and MGS-blind runs serve both budgets.
+
+Resuming: a training run whose dir holds summary.json is finished and skipped; one holding
+metrics.jsonl or checkpoints/ is continued with resume=true; an evaluation is done when its
+JSON file exists (written atomically). Every decision (step counts, the chosen lr) is a pure
+function of finished runs' files, so a killed driver takes the same decisions again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mleps.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The model that trains in seconds (tests/conftest.py's TINY_MODEL).
+TINY_MODEL = ["model.vocab_size=300", "model.d_model=32", "model.layers=1", "model.heads=2",
+              "model.ffn_dim=64", "model.dropout=0.0"]
+
+# Each arm's overrides, applied from the base's best checkpoint. MLE's lr comes from the search.
+ARMS = {
+    "mle": ["trainer=mle", "trainer.schedule=constant", "trainer.warmup_steps=0"],
+    "pg": ["trainer=pg"],
+    "mrt": ["trainer=mrt"],
+    "mgs": ["trainer=mgs", "trainer.warm_start_steps=0"],
+    # The same rule with uniform weights: with alpha = 1e9 every perturbation weighs the same
+    # whatever its task loss, so the update no longer sees the metric.
+    "mgs_blind": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.temperature=1e9"],
+}
+COST_OF = {"mgs_blind": "mgs"}  # the same decodes per step: one calibration serves both
+
+
+@dataclass
+class Task:
+    name: str
+    data: str  # conf/data option
+    metric: str  # conf/metric option (validation and test)
+    overrides: list[str]  # every training run (the MT defaults need none)
+    arms: list[str]
+    from_scratch: bool = False  # no base: every arm starts from random weights (one budget, no test)
+
+
+TASKS = {
+    "mt": Task("mt", "multi30k_de_en", "bleu", [], ["mle", "pg", "mrt", "mgs", "mgs_blind"]),
+    "summarization": Task("summarization", "aeslc", "rouge", ["data=aeslc", "metric=rouge"],
+                          ["mle", "pg", "mrt", "mgs", "mgs_blind"]),
+    "scratch": Task("scratch", "multi30k_de_en", "bleu", [], ["mle", "pg", "mgs"], from_scratch=True),
+}
+
+
+@dataclass
+class Budget:
+    name: str
+    train_s: float  # T: training seconds per equal-time arm
+    base: list[str]  # the base stage's overrides after `trainer=mle seed=0`
+    arm_eval_examples: int | None  # validation sentences decoded at each of an arm's evaluations
+    common: list[str] = field(default_factory=list)  # every training run
+    sampling: list[str] = field(default_factory=list)  # runs of the decoding rules (pg, mrt, mgs)
+    evaluate: list[str] = field(default_factory=list)  # every test evaluation
+    calibration_steps: int = 6
+    calibration_rounds: int = 2
+    lrs: tuple = (3e-5, 1e-4, 3e-4)
+    seeds: tuple = (0, 1, 2)
+    beams: tuple = (1, 4)
+    evaluations_per_arm: int = 4
+    notes: str = ""
+
+
+MT_BASE = ["trainer.max_steps=4000", "trainer.eval_every=250", "trainer.save_every=250", "trainer.patience=3",
+           "trainer.max_train_s=1800", "data.max_eval_examples=500"]
+TINY = dict(common=[*TINY_MODEL, "cpu=true", "trainer.batch_size=16", "data.max_train_examples=32",
+                    "decode.max_new_tokens=24"],
+            sampling=["trainer.max_new_tokens=24"],
+            evaluate=["data.max_eval_examples=32", "decode.max_new_tokens=24"],
+            calibration_steps=3, calibration_rounds=1, lrs=(1e-4, 1e-3), seeds=(0, 1), arm_eval_examples=32)
+TINY_BASE = ["trainer.max_steps=12", "trainer.eval_every=4", "trainer.save_every=4", "trainer.patience=3",
+             "data.max_eval_examples=32"]
+
+BUDGETS = {
+    ("mt", "cpu"): Budget(
+        "cpu", train_s=100, base=MT_BASE, arm_eval_examples=300,
+        notes="tiny_marian (5.9 M parameters) on all 29,000 training pairs; the base stops after 3 "
+              "evaluations (750 steps) without a better validation BLEU on 500 sentences, or after 30 "
+              "minutes of training; each arm trains T = 100 s (its calibrated step count) and is "
+              "validated on the first 300 validation sentences; test: all 1,000 sentences."),
+    ("mt", "tiny"): Budget("tiny", train_s=1.0, base=TINY_BASE, **TINY,
+                           notes="the tests' tiny model, 32 sentences per split: exercises the pipeline only"),
+    ("summarization", "cpu"): Budget(
+        "cpu", train_s=60, arm_eval_examples=200, seeds=(0, 1, 2),
+        base=["trainer.max_steps=2000", "trainer.eval_every=200", "trainer.save_every=200", "trainer.patience=3",
+              "trainer.max_train_s=1200", "data.max_eval_examples=300", "trainer.batch_size=32"],
+        common=["decode.max_new_tokens=32"], sampling=["trainer.max_new_tokens=32", "trainer.batch_size=32"],
+        evaluate=["decode.max_new_tokens=32"],
+        notes="tiny_marian on AESLC email body -> subject (sources cut to 256 tokens); batch 32; "
+              "T = 60 s per arm; validation 200 emails for the arms; test: all emails, ROUGE-L F1."),
+    ("summarization", "tiny"): Budget("tiny", train_s=1.0, base=TINY_BASE, **TINY,
+                                      notes="the tests' tiny model, 32 emails per split"),
+    ("scratch", "cpu"): Budget(
+        "cpu", train_s=600, base=[], arm_eval_examples=300, seeds=(0,), lrs=(), calibration_rounds=1,
+        evaluations_per_arm=8,
+        notes="MLE (its from-scratch recipe: lr 1e-3, inverse-sqrt warm-up), PG and MGS from random "
+              "weights, 10 minutes of training each, validation on 300 sentences; curves only."),
+    ("scratch", "tiny"): Budget("tiny", train_s=1.0, base=[], **{**TINY, "lrs": (), "seeds": (0,)},
+                                notes="the tests' tiny model"),
+}
+
+# Documented, not run here (GPU scale): the paper's setting.
+PAPER = """\
+`--budget paper` (documented, not run on this machine; needs a GPU and the internet):
+  data     IWSLT'14 de->en: fairseq's prepare-iwslt14.sh output as data=local JSONL files (or the
+           hub's iwslt2017 de-en config), BPE 10k
+  model    transformer-base sizes: model.d_model=512 model.layers=6 model.heads=8 model.ffn_dim=2048
+           model.vocab_size=10000 model.dropout=0.3
+  base     trainer=mle trainer.max_steps=100000 trainer.batch_size=4096-token-equivalent
+           trainer.lr=5e-4 trainer.warmup_steps=4000 trainer.patience=5, validated on all of dev
+  arms     MGS / MRT / PG fine-tuning as in Welleck & Cho (2021): K = 4 perturbations,
+           beta = 100 (trainer.temperature=0.01), ~5,000 fine-tuning steps, MLE continued for the
+           same wall time, 3 seeds; test on tst2014, beam 4 (and greedy)
+Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps/reproduce.py)."""
+
+
+class RunFailed(UserError):
+    exit_code = 1
+
+
+@dataclass
+class Job:
+    """One subprocess: `python -m <argv>`. Done when `done_file` exists."""
+
+    name: str
+    argv: list[str]
+    done_file: Path
+    log: Path
+    run_dir: Path | None = None  # training: a dir holding a run is continued with resume=true
+    after: Callable[["Job"], None] | None = None  # evaluations: turn the output into done_file
+
+    @property
+    def done(self) -> bool:
+        return self.done_file.is_file()
+
+    def command(self) -> list[str]:
+        resume = self.run_dir is not None and (
+            (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists())
+        return [sys.executable, "-m", *self.argv, *(["resume=true"] if resume else [])]
+
+
+def shown(argv: list[str]) -> str:
+    """The command as a person would type it (relative to the repo root when it can)."""
+    def rel(s: str) -> str:
+        return s.replace(str(ROOT) + os.sep, "")
+    return "python -m " + " ".join(rel(a) for a in argv)
+
+
+class Runner:
+    """Runs a stage's unfinished jobs, `jobs` at a time, with one progress line per stage."""
+
+    def __init__(self, jobs: int = 2, progress: bool = True):
+        self.jobs = max(1, jobs)
+        self.progress = progress
+        # One torch thread per process when several run at once: they share the cores.
+        threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def run_stage(self, stage: str, jobs: list[Job]) -> None:
+        from tqdm.auto import tqdm
+
+        todo = [j for j in jobs if not j.done]
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"{stage:<12}", disable=not self.progress,
+                   dynamic_ncols=True, leave=True, file=sys.stdout)
+        with ThreadPoolExecutor(self.jobs) as pool:
+            for job in pool.map(self._run, todo):
+                bar.set_postfix_str(job.name)
+                bar.update(1)
+        bar.close()
+
+    def _run(self, job: Job) -> Job:
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log, "a") as log:
+            log.write(f"\n$ {shown(job.command()[2:])}\n")
+            log.flush()
+            proc = subprocess.run(job.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = job.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            raise RunFailed(f"{job.name} failed (exit {proc.returncode}): {tail[0][:300]} -- see {job.log}; "
+                            f"fix it and run the same command again to resume")
+        if job.after is not None:
+            job.after(job)
+        if not job.done:
+            raise RunFailed(f"{job.name} exited 0 but wrote no {job.done_file}; see {job.log}")
+        return job
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def read_events(run_dir: Path, split: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("split") == split and "event" not in e]
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "best"
+
+
+class Reproduction:
+    """The stages of one task under one budget, in `out`."""
+
+    def __init__(self, task: str, budget: str, out: Path, seeds: list[int] | None = None,
+                 base: Path | None = None, jobs: int = 2, progress: bool = True):
+        if task not in TASKS:
+            raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
+        if budget == "paper":
+            raise UserError("--budget paper is documented, not runnable on CPU: see `scripts/reproduce.py --help`")
+        if (task, budget) not in BUDGETS:
+            raise UserError(f"unknown budget '{budget}' for {task}: use cpu, tiny or paper")
+        self.task, self.budget = TASKS[task], BUDGETS[(task, budget)]
+        self.out = Path(out).resolve()
+        self.seeds = list(seeds) if seeds else list(self.budget.seeds)
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise UserError(f"--seeds {self.seeds}: give distinct non-negative integers, e.g. --seeds 0 1 2")
+        if base is not None:
+            base = Path(base).resolve()
+            if not (base / "config.json").is_file():
+                raise UserError(f"--base {base} is not a checkpoint folder (no config.json): pass a folder "
+                                f"written by mleps.train, e.g. RUN/checkpoints/best")
+            if self.task.from_scratch:
+                raise UserError("--base makes no sense for scratch: every arm starts from random weights")
+        self.given_base = base
+        self.runner = Runner(jobs, progress)
+
+    # -- paths and commands -----------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return self.out / "base"
+
+    @property
+    def base_checkpoint(self) -> Path:
+        return self.given_base or best_checkpoint(self.base_dir)
+
+    def train_job(self, name: str, run_dir: Path, overrides: list[str]) -> Job:
+        argv = ["mleps.train", *overrides, "progress=false", f"output_dir={run_dir}"]
+        return Job(name, argv, run_dir / "summary.json", self.out / "logs" / f"{name.replace('/', '_')}.log",
+                   run_dir=run_dir)
+
+    def rule_overrides(self, arm: str, steps: int, seed: int, lr: float | None = None,
+                       validate: bool = True) -> list[str]:
+        b = self.budget
+        every = max(steps // b.evaluations_per_arm, 1)
+        rule = list(ARMS[arm])
+        if self.task.from_scratch and arm == "mle":
+            rule = ["trainer=mle"]  # its from-scratch recipe (warm-up, inverse sqrt)
+        elif arm == "mle":
+            rule.append(f"trainer.lr={lr if lr is not None else 1e-4:g}")
+        init = [] if self.task.from_scratch else [f"init_from={self.base_checkpoint}"]
+        evals = ([f"data.max_eval_examples={b.arm_eval_examples}"] if b.arm_eval_examples else []) if validate \
+            else ["data.validation_file=null"]
+        return [*rule, *self.task.overrides, *init, f"seed={seed}", f"trainer.max_steps={steps}",
+                f"trainer.eval_every={every}", f"trainer.save_every={every}", "trainer.log_every=1", *evals,
+                *b.common, *([] if arm == "mle" else b.sampling)]
+
+    # -- base -------------------------------------------------------------------
+    def stage_base(self) -> list[Job]:
+        if self.given_base or self.task.from_scratch:
+            return []
+        return [self.train_job("base", self.base_dir, ["trainer=mle", "seed=0", *self.budget.base,
+                                                        *self.task.overrides, *self.budget.common])]
+
+    # -- calibration: seconds per step of each rule ------------------------------
+    def calibration_rules(self) -> list[str]:
+        return [a for a in self.task.arms if a not in COST_OF]
+
+    def calibration_dirs(self) -> dict[str, list[Path]]:
+        rounds = range(self.budget.calibration_rounds)
+        return {rule: [self.out / "calibration" / f"{rule}-r{r}" for r in rounds] for rule in self.calibration_rules()}
+
+    def stage_calibration(self) -> list[Job]:
+        # Interleaved rounds (mle, pg, mrt, mgs, mle, ...): a slow spell of the machine hits every rule.
+        dirs = self.calibration_dirs()
+        jobs = []
+        for r in range(self.budget.calibration_rounds):
+            for rule in dirs:
+                jobs.append(self.train_job(f"calibration/{rule}-r{r}", dirs[rule][r], self.rule_overrides(
+                    rule, self.budget.calibration_steps, seed=0, validate=False)))
+        return jobs
+
+    def step_seconds(self) -> dict[str, float]:
+        """Mean `step_s` of each rule's calibration steps, the first step of each run left out (warm-up)."""
+        seconds = {}
+        for rule, dirs in self.calibration_dirs().items():
+            times = [e["step_s"] for d in dirs for e in read_events(d, "train") if e["step"] > 1]
+            seconds[rule] = sum(times) / len(times)
+        for arm, like in COST_OF.items():
+            if arm in self.task.arms:
+                seconds[arm] = seconds[like]
+        return seconds
+
+    def steps_for_time(self) -> dict[str, int]:
+        return {arm: max(1, round(self.budget.train_s / s)) for arm, s in self.step_seconds().items()}
+
+    # -- continued MLE's learning rate, chosen on validation ---------------------------
+    def lr_dir(self, lr: float) -> Path:
+        return self.out / "lr_search" / f"lr{lr:g}"
+
+    def stage_lr_search(self) -> list[Job]:
+        if self.task.from_scratch or "mle" not in self.task.arms:
+            return []
+        steps = self.steps_for_time()["mle"]
+        return [self.train_job(f"lr_search/lr{lr:g}", self.lr_dir(lr), self.rule_overrides("mle", steps, seed=0, lr=lr))
+                for lr in self.budget.lrs]
+
+    def lr_scores(self) -> dict[float, float]:
+        """Best validation score after step 0 of each lr (step 0 is the base, the same for all)."""
+        return {lr: max(e["score"] for e in read_events(self.lr_dir(lr), "validation") if e["step"] > 0)
+                for lr in self.budget.lrs}
+
+    def best_lr(self) -> float | None:
+        if self.task.from_scratch or not self.budget.lrs:
+            return None
+        scores = self.lr_scores()
+        return max(scores, key=scores.get)
+
+    # -- arms -----------------------------------------------------------------------
+    def budgets(self) -> list[str]:
+        return ["equal_time"] if self.task.from_scratch else ["equal_time", "equal_steps"]
+
+    def arm_steps(self) -> dict[str, dict[str, int]]:
+        """budget -> arm -> steps."""
+        time_steps = self.steps_for_time()
+        out = {"equal_time": time_steps}
+        if not self.task.from_scratch:
+            n = time_steps["mgs"]
+            out["equal_steps"] = {arm: n for arm in self.task.arms}
+        return out
+
+    def arm_runs(self) -> dict[tuple[str, str, int], Path]:
+        """(budget, arm, seed) -> run dir. A run that serves both budgets appears under both."""
+        steps, lr = self.arm_steps(), self.best_lr()
+        runs = {}
+        for seed in self.seeds:
+            for arm in self.task.arms:
+                t = steps["equal_time"][arm]
+                runs[("equal_time", arm, seed)] = self.out / "arms" / arm / f"steps{t}" / f"seed{seed}"
+                if arm == "mle" and seed == 0 and lr is not None:  # the search's winner is this very run
+                    runs[("equal_time", arm, seed)] = self.lr_dir(lr)
+                if "equal_steps" in steps:
+                    n = steps["equal_steps"][arm]
+                    runs[("equal_steps", arm, seed)] = runs[("equal_time", arm, seed)] if n == t else \
+                        self.out / "arms" / arm / f"steps{n}" / f"seed{seed}"
+        return runs
+
+    def stage_arms(self) -> list[Job]:
+        steps, lr, jobs = self.arm_steps(), self.best_lr(), {}
+        for (budget, arm, seed), run_dir in self.arm_runs().items():
+            if run_dir not in jobs:
+                jobs[run_dir] = self.train_job(str(run_dir.relative_to(self.out)), run_dir,
+                                               self.rule_overrides(arm, steps[budget][arm], seed, lr=lr))
+        return list(jobs.values())
+
+    # -- test ---------------------------------------------------------------------------
+    def decodes(self) -> dict[str, int]:
+        return {("greedy" if b == 1 else f"beam{b}"): b for b in self.budget.beams}
+
+    def test_file(self, run_label: str, decode: str) -> Path:
+        return self.out / "test" / f"{run_label.replace('/', '_')}-{decode}.json"
+
+    def tested(self) -> dict[str, Path]:
+        """label -> checkpoint of everything evaluated on test."""
+        if self.task.from_scratch:
+            return {}
+        out = {"base": self.base_checkpoint}
+        for run_dir in dict.fromkeys(self.arm_runs().values()):
+            out[str(run_dir.relative_to(self.out))] = best_checkpoint(run_dir)
+        return out
+
+    def stage_test(self) -> list[Job]:
+        jobs = []
+        for label, ckpt in self.tested().items():
+            for decode, beams in self.decodes().items():
+                done = self.test_file(label, decode)
+                argv = ["mleps.evaluate", f"checkpoint={ckpt}", f"data={self.task.data}", f"metric={self.task.metric}",
+                        "split=test", f"decode.num_beams={beams}", f"predictions={done.with_suffix('.txt')}",
+                        "progress=false", *self.budget.evaluate]
+                jobs.append(Job(f"test/{label}/{decode}", argv, done, self.out / "logs" / f"{done.stem}.log",
+                                after=self._score_predictions))
+        return jobs
+
+    def references(self) -> list[list[str]]:
+        """The test split's references, cut like the evaluations cut it."""
+        if not hasattr(self, "_references"):
+            from hydra import compose, initialize_config_dir
+
+            from mleps.config import register_configs
+            from mleps.data import load_split
+
+            register_configs()
+            cuts = [o for o in self.budget.evaluate if o.startswith("data.")]
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose(config_name="evaluate", overrides=["checkpoint=unused", f"data={self.task.data}", *cuts])
+            self._references = list(load_split(cfg.data, "test")["references"])
+        return self._references
+
+    def _score_predictions(self, job: Job) -> None:
+        """evaluate's last JSON line, plus chrF of the same predictions (sacrebleu, through mleps.metrics)."""
+        from mleps.metrics import build_metric
+
+        lines = [line for line in job.log.read_text().splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1])
+        hyps = Path(result["predictions"]).read_text(encoding="utf-8").splitlines()
+        chrf = build_metric("chrf").corpus_score(hyps, self.references())
+        result["chrf"], result["chrf_signature"] = chrf["score"], chrf["signature"]
+        write_json_atomic(job.done_file, result)
+
+    # -- everything -------------------------------------------------------------------------
+    def stages(self) -> list[tuple[str, Callable[[], list[Job]]]]:
+        # Functions, not lists: a later stage's jobs depend on the earlier stages' results.
+        return [("base", self.stage_base), ("calibration", self.stage_calibration),
+                ("lr_search", self.stage_lr_search), ("arms", self.stage_arms), ("test", self.stage_test)]
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        commands = {}
+        for name, make in self.stages():
+            jobs = make()
+            commands[name] = [shown(j.argv) for j in jobs]
+            self.runner.run_stage(name, jobs)
+        from mleps.reproduce_report import collect
+
+        return collect(self, commands)

@@ -1,0 +1,412 @@
+"""The reproduction's numbers, from its finished runs: aggregation, significance, verdict, report.
+
+collect(reproduction)  -> one dict of every number (the JSON)
+write_report(results)  -> docs/results.md, the plots, the JSON and a CSV (one row per run)
+
+Significance is sacrebleu's paired bootstrap (1,000 resamples, its fixed seed 12345) on the
+greedy test predictions, per seed: each arm against continued MLE, and MGS against every other
+arm (MGS-blind included). The verdict is written from these numbers, never by hand.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+from mleps.reproduce import ROOT, read_events, write_json_atomic
+
+DIAGNOSTICS = ("ess", "guided_weight", "best_improvement", "loss_minus_perturbed_mean")
+ALPHA = 0.05  # significance level of the verdict
+
+
+# -- small pure helpers (unit-tested on hand-made numbers) ------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def paired_bootstrap(baseline: tuple[str, list[str]], systems: list[tuple[str, list[str]]],
+                     references: list[list[str]], metrics: tuple[str, ...] = ("bleu", "chrf"),
+                     n_samples: int = 1000) -> dict[str, dict[str, dict]]:
+    """sacrebleu's paired bootstrap of each system against the baseline.
+
+    Returns {system: {metric: {"score", "baseline", "delta", "p"}}}; p is sacrebleu's (the share
+    of resamples whose |difference| exceeds the observed one once centred), so it is two-sided.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    from mleps.metrics import _ref_streams
+
+    objects = {"bleu": BLEU(), "chrf": CHRF()}
+    test = PairedTest([baseline, *systems], {m: objects[m] for m in metrics}, _ref_streams(references),
+                      test_type="bs", n_samples=n_samples)
+    _, scores = test()
+    names = [k for k in scores if k != "System"]  # sacrebleu's names (BLEU, chrF2), in `metrics` order
+    out = {}
+    for i, (name, hyps) in enumerate(systems, start=1):
+        out[name] = {}
+        for metric, key in zip(metrics, names):
+            base, result = scores[key][0], scores[key][i]
+            # sacrebleu gives identical outputs p = 1/(n+1) (no resample beats a zero difference); two arms
+            # whose best checkpoint is the same (e.g. the base itself) are not different: p = 1.
+            p = 1.0 if list(hyps) == list(baseline[1]) else result.p_value
+            out[name][metric] = {"score": result.score, "baseline": base.score,
+                                 "delta": result.score - base.score, "p": p}
+    return out
+
+
+def fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def compare_sentence(a: str, b: str, deltas: list[float], ps: list[float], metric: str) -> str:
+    """One sentence: does `a` beat `b`, from the per-seed differences and p-values."""
+    mean = sum(deltas) / len(deltas)
+    significant = [p < ALPHA and (d > 0) == (mean > 0) and d != 0 for d, p in zip(deltas, ps)]
+    ps_text = ", ".join(f"{p:.3f}" for p in ps)
+    if all(significant):
+        verb = "beats" if mean > 0 else "is beaten by"
+        how = f"significantly in all {len(ps)} seeds"
+    elif any(significant):
+        verb = "is ahead of" if mean > 0 else "is behind"
+        how = f"significantly in {sum(significant)} of {len(ps)} seeds only"
+    else:
+        verb = "is not distinguishable from"
+        how = f"no seed significant at p < {ALPHA}"
+    return f"{a} {verb} {b} on test {metric}: mean Δ {mean:+.2f} ({how}; p per seed: {ps_text})."
+
+
+# -- collecting the numbers from the runs -------------------------------------------------------
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_row(run_dir: Path) -> dict:
+    train = read_events(run_dir, "train")
+    val = read_events(run_dir, "validation")
+    best = max(val, key=lambda e: e["score"])
+    diag = {}
+    if train and "ess" in train[-1]:
+        for key in DIAGNOSTICS[:3]:
+            diag[key] = sum(e[key] for e in train) / len(train)
+        diag["loss_minus_perturbed_mean"] = sum(e["task_loss"] - e["perturbed_loss_mean"] for e in train) / len(train)
+        diag["num_samples"] = _config(run_dir).get("trainer", {}).get("num_samples")
+    timed = [e["step_s"] for e in train if e["step"] > 1] or [e["step_s"] for e in train]
+    return {"run_dir": str(run_dir), "steps": train[-1]["step"] if train else 0,
+            "train_s": train[-1]["train_s"] if train else 0.0, "s_per_step": sum(timed) / max(len(timed), 1),
+            "val_best": best["score"], "val_best_step": best["step"],
+            "curve": [[e["step"], e["train_s"], e["score"]] for e in val], "diagnostics": diag}
+
+
+def recorded_command(run_dir: Path) -> str:
+    """The overrides Hydra saved for the run's last invocation."""
+    from omegaconf import OmegaConf
+
+    from mleps.reproduce import shown
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return shown(["mleps.train", *OmegaConf.load(path)]) if path.is_file() else "(unknown)"
+
+
+def _config(run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+
+
+def collect(repro, commands: dict) -> dict:
+    task, budget = repro.task, repro.budget
+    lr = repro.best_lr()
+    results = {
+        "task": task.name, "budget": budget.name, "metric": task.metric, "commit": git_commit(),
+        "date": datetime.date.today().isoformat(), "seeds": repro.seeds, "train_s": budget.train_s,
+        "notes": budget.notes, "out": str(repro.out), "decodes": list(repro.decodes()),
+        "calibration": {"steps": budget.calibration_steps, "rounds": budget.calibration_rounds,
+                        "step_s": repro.step_seconds(), "arm_steps": repro.arm_steps()},
+        "lr_search": {"scores": {f"{k:g}": v for k, v in repro.lr_scores().items()}, "chosen": lr}
+        if lr is not None else None,
+        "commands": commands,
+    }
+    if not task.from_scratch and repro.given_base is None:  # as it was run (it may predate this driver)
+        results["commands"]["base"] = [recorded_command(repro.base_dir)]
+    tests = {}
+    for label in repro.tested():
+        tests[label] = {d: json.loads(repro.test_file(label, d).read_text()) for d in repro.decodes()}
+    if not task.from_scratch:
+        base_val = read_events(repro.base_dir, "validation") if repro.given_base is None else []
+        results["base"] = {"checkpoint": str(repro.base_checkpoint), "test": tests["base"],
+                           "val_best": max((e["score"] for e in base_val), default=None),
+                           "steps": max((e["step"] for e in base_val), default=None)}
+    rows = []
+    for (b, arm, seed), run_dir in repro.arm_runs().items():
+        row = {"budget": b, "arm": arm, "seed": seed, **run_row(run_dir)}
+        label = str(run_dir.relative_to(repro.out))
+        row["test"] = tests.get(label, {})
+        rows.append(row)
+    results["runs"] = rows
+    results["summary"] = summarize(rows, results.get("base"), list(repro.decodes()))
+    if not task.from_scratch:
+        results["significance"] = significance(rows, repro.references(), task.metric)
+    results["verdict"] = verdict(results)
+    return results
+
+
+def summarize(rows: list[dict], base: dict | None, decodes: list[str]) -> dict:
+    """budget -> arm -> quantity -> [mean, std] over seeds (test quantities also Δ vs the base)."""
+    out = {}
+    for row in rows:
+        out.setdefault(row["budget"], {}).setdefault(row["arm"], []).append(row)
+    summary = {}
+    for b, arms in out.items():
+        for arm, group in arms.items():
+            s = {k: list(mean_std([r[k] for r in group])) for k in ("steps", "s_per_step", "train_s", "val_best")}
+            for d in decodes:
+                for key, name in (("score", "test"), ("chrf", "chrf")):
+                    values = [r["test"][d][key] for r in group if d in r["test"]]
+                    if values:
+                        s[f"{name}_{d}"] = list(mean_std(values))
+                        if base:
+                            s[f"{name}_{d}_delta"] = s[f"{name}_{d}"][0] - base["test"][d][key]
+            diags = [r["diagnostics"] for r in group if r["diagnostics"]]
+            if diags:
+                s["diagnostics"] = {k: sum(d[k] for d in diags) / len(diags) for k in DIAGNOSTICS}
+                s["diagnostics"]["num_samples"] = diags[0].get("num_samples")
+            summary.setdefault(b, {})[arm] = s
+    return summary
+
+
+def significance(rows: list[dict], references: list[list[str]], metric: str) -> dict:
+    """budget -> seed -> "a vs b" -> metric -> {score, baseline, delta, p}; greedy predictions."""
+    metrics = ("bleu", "chrf") if metric == "bleu" else ("chrf",)  # sacrebleu has no ROUGE
+    by = {}
+    for r in rows:
+        if "greedy" in r["test"]:
+            hyps = Path(r["test"]["greedy"]["predictions"]).read_text(encoding="utf-8").splitlines()
+            by.setdefault(r["budget"], {}).setdefault(r["seed"], {})[r["arm"]] = hyps
+    out = {}
+    for b, seeds in by.items():
+        for seed, arms in seeds.items():
+            pairs = {}
+            for baseline in ("mle", "mgs"):
+                others = [(a, h) for a, h in arms.items() if a != baseline and not (baseline == "mgs" and a == "mle")]
+                if baseline in arms and others:
+                    for a, res in paired_bootstrap((baseline, arms[baseline]), others, references, metrics).items():
+                        pairs[f"{a} vs {baseline}"] = res
+            out.setdefault(b, {})[str(seed)] = pairs
+    return out
+
+
+def verdict(results: dict) -> list[str]:
+    """Sentences computed from the numbers: MGS against each other arm, per budget, on greedy test."""
+    sig = results.get("significance")
+    if not sig:
+        return []
+    name = {"mle": "continued MLE", "pg": "PG", "mrt": "MRT", "mgs_blind": "MGS-blind", "mgs": "MGS"}
+    key, metric = ("bleu", "BLEU") if results["metric"] == "bleu" else ("chrf", "chrF")
+    sentences = []
+    for b, seeds in sig.items():
+        label = b.replace("_", " ")
+        for other in ("mle", "pg", "mrt", "mgs_blind"):
+            # "a vs b": b was the bootstrap's baseline, delta = a - b.
+            pair, sign = ("mgs vs mle", 1) if other == "mle" else (f"{other} vs mgs", -1)
+            found = [seeds[s][pair][key] for s in seeds if pair in seeds[s]]
+            if not found:
+                continue
+            text = compare_sentence("MGS", name[other], [sign * f["delta"] for f in found], [f["p"] for f in found],
+                                    f"{metric} (greedy)")
+            sentences.append(f"At {label}: {text}")
+        diag = results["summary"].get(b, {}).get("mgs", {}).get("diagnostics")
+        if diag:
+            k = diag.get("num_samples") or "K"
+            sentences.append(
+                f"At {label}, MGS's importance weights had ESS {diag['ess']:.2f} of {k} on average, "
+                f"{100 * diag['guided_weight']:.0f} % of the weight on guided samples; the best perturbation "
+                f"lowered the batch task loss by {diag['best_improvement']:.4f} on average, and θ's task loss "
+                f"exceeded the mean perturbed loss by {diag['loss_minus_perturbed_mean']:+.4f}"
+                + (" — the weights were close to uniform, so the update was mostly the average of the "
+                   "perturbations, which is what MGS-blind does." if isinstance(k, int) and diag["ess"] > 0.9 * k
+                   else "."))
+    return sentences
+
+
+# -- writing ------------------------------------------------------------------------------------
+ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "mrt": "MRT", "mgs": "MGS", "mgs_blind": "MGS-blind (uniform weights)"}
+
+
+def plot_curves(rows: list[dict], budget: str, metric: str, out: Path) -> Path:
+    """Validation score against step and against training time: mean over seeds, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = {}
+    for r in rows:
+        if r["budget"] == budget:
+            arms.setdefault(r["arm"], []).append(r["curve"])
+    for arm, curves in arms.items():
+        n = min(len(c) for c in curves)  # the seeds of an arm evaluate at the same steps
+        steps = [curves[0][i][0] for i in range(n)]
+        minutes = [sum(c[i][1] for c in curves) / len(curves) / 60 for i in range(n)]
+        scores = [[c[i][2] for c in curves] for i in range(n)]
+        mean = [sum(s) / len(s) for s in scores]
+        for ax, x in ((by_step, steps), (by_time, minutes)):
+            line, = ax.plot(x, mean, marker="o", ms=3, label=f"{ARM_NAMES.get(arm, arm)} ({len(curves)} seeds)")
+            ax.fill_between(x, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(), alpha=0.2)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("training time (min, mean over seeds)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    fig.suptitle(f"{budget.replace('_', ' ')}: mean over seeds, band = min-max")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_csv(rows: list[dict], path: Path, decodes: list[str]) -> None:
+    fields = ["budget", "arm", "seed", "steps", "s_per_step", "train_s", "val_best", "val_best_step"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields + [f"test_{d}" for d in decodes] + [f"chrf_{d}" for d in decodes] + ["run_dir"])
+        for r in rows:
+            w.writerow([r[k] for k in fields] + [r["test"].get(d, {}).get("score", "") for d in decodes]
+                       + [r["test"].get(d, {}).get("chrf", "") for d in decodes] + [r["run_dir"]])
+
+
+def markdown(results: dict, plots: dict[str, str], json_link: str, command: str) -> str:
+    m = results["metric"].upper() if results["metric"] == "bleu" else results["metric"]
+    decodes = results["decodes"]
+    lines = [f"# Results: {results['task']} ({results['budget']} budget)", "",
+             f"Written by `{command}` at commit `{results['commit']}` on {results['date']}; every number below "
+             f"comes from runs of that command (the JSON with all of them: [{Path(json_link).name}]({json_link})). "
+             "Do not edit by hand: run the command again.", "",
+             "## Setup", "", results["notes"], "",
+             f"Seeds {', '.join(map(str, results['seeds']))}. Equal training time: T = {results['train_s']:g} s "
+             f"per arm, turned into a fixed step count per rule by a calibration ({results['calibration']['rounds']} "
+             f"interleaved round(s) of {results['calibration']['steps']} steps of each rule from the same start, "
+             "first step of each run left out): steps = round(T / seconds per step). Step counts, not a clock, so "
+             "the arms are deterministic whatever the machine's load."
+             + ("" if "equal_steps" not in results["calibration"]["arm_steps"] else
+                " Equal steps: every rule runs MGS's step count."), ""]
+    steps = results["calibration"]["arm_steps"]
+    header = ["rule", "s/step (calibration)"] + [f"steps, {b.replace('_', ' ')}" for b in steps]
+    lines += [markdown_table(header, [[ARM_NAMES.get(a, a), f"{s:.3f}"] + [steps[b][a] for b in steps]
+                                      for a, s in results["calibration"]["step_s"].items()]), ""]
+    if results.get("lr_search"):
+        ls = results["lr_search"]
+        lines += [f"Continued MLE's learning rate (constant, no warm-up) was chosen on validation, seed 0, at its "
+                  f"equal-time step count: best validation {m} " +
+                  ", ".join(f"{s:.2f} at lr {lr}" for lr, s in ls["scores"].items()) +
+                  f"; chosen lr {ls['chosen']:g}. Nothing was tuned on the test split.", ""]
+    if results.get("base"):
+        base = results["base"]
+        lines += ["## Base", "", f"Checkpoint `{Path(base['checkpoint']).relative_to(results['out'])}`"
+                  if base["checkpoint"].startswith(results["out"]) else f"Checkpoint `{base['checkpoint']}`",
+                  "" if base["val_best"] is None else
+                  f" (best validation {m} {base['val_best']:.2f}; the run stopped at step {base['steps']}).", ""]
+        lines += [markdown_table(["decode", f"test {m}", "test chrF"],
+                                 [[d, f"{base['test'][d]['score']:.2f}", f"{base['test'][d]['chrf']:.2f}"]
+                                  for d in decodes]), ""]
+    summary = results["summary"]
+    for b, arms in summary.items():
+        lines += [f"## {b.replace('_', ' ').capitalize()}", ""]
+        header = ["arm", "steps", "s/step", f"best val {m}"]
+        for d in decodes:
+            header += [f"test {m} {d}", "Δ base", f"chrF {d}", "Δ base"]
+        rows = []
+        for arm, s in arms.items():
+            row = [ARM_NAMES.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}", fmt(*s["val_best"])]
+            for d in decodes:
+                for name in ("test", "chrf"):
+                    row += [fmt(*s[f"{name}_{d}"]) if f"{name}_{d}" in s else "-",
+                            f"{s[f'{name}_{d}_delta']:+.2f}" if f"{name}_{d}_delta" in s else "-"]
+            rows.append(row)
+        lines += [f"Mean ± standard deviation over {len(results['seeds'])} seeds; s/step measured in the arms' "
+                  "own runs.", "", markdown_table(header, rows), ""]
+        if b in plots:
+            lines += [f"![validation {m} against step and time, {b}]({plots[b]})", ""]
+        sig = results.get("significance", {}).get(b)
+        if sig:
+            pairs = list(dict.fromkeys(p for s in sig.values() for p in s))
+            metrics = list(next(iter(next(iter(sig.values())).values())))
+            header = ["comparison (greedy)"] + [f"seed {s}: Δ{mm} (p)" for s in sig for mm in metrics]
+            rows = [[p.replace("_", "-")] + [f"{sig[s][p][mm]['delta']:+.2f} ({sig[s][p][mm]['p']:.3f})"
+                                             if p in sig[s] else "-" for s in sig for mm in metrics] for p in pairs]
+            lines += ["Paired bootstrap (sacrebleu, 1,000 resamples, seed 12345) on the greedy test predictions: "
+                      "Δ = first minus second; p is two-sided.", "", markdown_table(header, rows), ""]
+        diag_rows = [[ARM_NAMES[a]] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
+                     for a, s in arms.items() if "diagnostics" in s]
+        if diag_rows:
+            lines += ["MGS diagnostics, averaged over the training steps of all seeds:", "",
+                      markdown_table(["arm", "ESS", "weight on guided samples", "best improvement",
+                                      "θ's task loss − mean perturbed loss"], diag_rows), ""]
+    if results["verdict"]:
+        lines += ["## Verdict", "", "Computed from the numbers above (p < 0.05 per seed counts as significant):", ""]
+        lines += [f"- {s}" for s in results["verdict"]] + [""]
+    sigs = {(results["task"], d): (t.get("signature"), t.get("chrf_signature"))
+            for d, t in (results.get("base") or {}).get("test", {}).items()}
+    if sigs:
+        lines += ["## Signatures", ""]
+        for (_, d), (s1, s2) in sigs.items():
+            lines += [f"- {d}: `{s1}`" + (f"; chrF `{s2}`" if s2 else "")]
+        lines += [""]
+    lines += ["## Commands", "", "Run by the driver, `--out` " f"`{results['out']}` (one log per run under its "
+              "`logs/`; all commands are in the JSON). The arms of the first seed; the other seeds differ in "
+              "`seed=` and the folder only:", "", "```"]
+    first_seed = f"seed={results['seeds'][0]} " if results["seeds"] else ""
+    for stage, cmds in results["commands"].items():
+        shown = [c for c in cmds if first_seed in c] if stage == "arms" else cmds[:4]
+        if shown:
+            more = len(cmds) - len(shown)
+            lines += [f"# {stage}: {len(cmds)} run(s)" + (f", {more} not shown" if more else "")] + shown
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, md: Path, img_dir: Path, json_path: Path, command: str) -> dict[str, Path]:
+    """The markdown, one plot per budget, the JSON and a CSV beside it. Returns what was written."""
+    written = {}
+    plots = {}
+    for b in results["summary"]:
+        path = plot_curves(results["runs"], b, results["metric"], img_dir / f"{results['task']}-{b}.png")
+        written[f"plot_{b}"] = path
+        plots[b] = os.path.relpath(path, md.parent)
+    write_json_atomic(json_path, results)
+    written["json"] = json_path
+    written["csv"] = json_path.with_suffix(".csv")
+    write_csv(results["runs"], written["csv"], results["decodes"])
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(markdown(results, plots, os.path.relpath(json_path, md.parent), command), encoding="utf-8")
+    written["markdown"] = md
+    return written

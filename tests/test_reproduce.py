@@ -1,0 +1,124 @@
+"""The reproduction driver: aggregation on hand-made numbers, and the whole pipeline on the tiny budget."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mleps.reproduce import Reproduction
+from mleps.reproduce_report import compare_sentence, markdown_table, mean_std, paired_bootstrap, summarize
+from tests.conftest import REPO, assert_user_error
+
+REFS = [["a man rides a red bike down the street"], ["two dogs play in the snow"],
+        ["a woman is reading a book in the park"], ["children are swimming in a blue pool"]] * 10
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    assert mean_std([30.0, 32.0, 34.0]) == (32.0, 2.0)  # sqrt(((-2)^2 + 0 + 2^2) / (3 - 1))
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_summarize_means_stds_and_deltas_against_the_base():
+    def row(arm, seed, val, test):
+        return {"budget": "equal_time", "arm": arm, "seed": seed, "steps": 10, "s_per_step": 1.0, "train_s": 10.0,
+                "val_best": val, "test": {"greedy": {"score": test, "chrf": test + 20}}, "diagnostics": {}}
+    rows = [row("mle", 0, 30, 31), row("mle", 1, 32, 33), row("mgs", 0, 29, 30), row("mgs", 1, 29, 30)]
+    base = {"test": {"greedy": {"score": 30.0, "chrf": 50.0}}}
+    s = summarize(rows, base, ["greedy"])["equal_time"]
+    assert s["mle"]["test_greedy"] == pytest.approx([32.0, 2 ** 0.5])
+    assert s["mle"]["test_greedy_delta"] == pytest.approx(2.0)
+    assert s["mgs"]["chrf_greedy"] == pytest.approx([50.0, 0.0])
+    assert s["mgs"]["chrf_greedy_delta"] == pytest.approx(0.0)
+    assert s["mgs"]["val_best"] == pytest.approx([29.0, 0.0])
+
+
+def test_paired_bootstrap_separates_a_better_system_and_not_an_identical_one():
+    good = [r[0] for r in REFS]
+    bad = ["a man rides a bike", "dogs in snow", "a woman reads", "children swim"] * 10
+    out = paired_bootstrap(("bad", bad), [("good", good), ("same", bad)], REFS)
+    assert out["good"]["bleu"]["delta"] > 30 and out["good"]["bleu"]["p"] < 0.01
+    assert out["good"]["chrf"]["delta"] > 0 and out["good"]["chrf"]["p"] < 0.01
+    assert out["same"]["bleu"]["delta"] == 0 and out["same"]["bleu"]["p"] == 1.0
+    # sacrebleu's fixed seed: the same call gives the same p-values
+    again = paired_bootstrap(("bad", bad), [("good", good[:20] + bad[20:])], REFS)
+    assert again["good"]["bleu"]["p"] == paired_bootstrap(("bad", bad), [("good", good[:20] + bad[20:])],
+                                                          REFS)["good"]["bleu"]["p"]
+
+
+def test_verdict_sentence_follows_the_numbers():
+    assert "MGS beats MLE" in compare_sentence("MGS", "MLE", [1.0, 0.5], [0.01, 0.02], "BLEU")
+    assert "is beaten by" in compare_sentence("MGS", "MLE", [-1.0, -0.5], [0.01, 0.02], "BLEU")
+    assert "significantly in 1 of 2" in compare_sentence("MGS", "MLE", [1.0, 0.5], [0.01, 0.3], "BLEU")
+    assert "not distinguishable" in compare_sentence("MGS", "MLE", [1.0, -0.5], [0.2, 0.3], "BLEU")
+
+
+def test_markdown_table_aligns_numbers_right():
+    assert markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "| --- | ---: |", "| 1 | 2 |"]
+
+
+def test_bad_arguments_stop_before_any_run(tmp_path, capsys):
+    from scripts.reproduce import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["mt", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    assert_user_error(e.value.code, capsys.readouterr().err, "--base", "checkpoint")
+    with pytest.raises(SystemExit) as e:
+        main(["mt", "--seeds", "0", "0", "--out", str(tmp_path / "out")])
+    assert_user_error(e.value.code, capsys.readouterr().err, "--seeds")
+    assert not (tmp_path / "out").exists()
+
+
+def test_step_counts_come_from_the_calibration(tmp_path):
+    """steps_r = round(T / s_r), from the mean step_s of the calibration runs (their first step left out)."""
+    repro = Reproduction("mt", "tiny", tmp_path)
+    for rule, dirs in repro.calibration_dirs().items():
+        seconds = {"mle": 0.1, "pg": 0.5, "mrt": 0.4, "mgs": 0.3}[rule]
+        for d in dirs:
+            d.mkdir(parents=True)
+            events = [{"step": 1, "split": "train", "step_s": 9.0}] + \
+                     [{"step": s, "split": "train", "step_s": seconds} for s in (2, 3)]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert repro.steps_for_time() == {"mle": 10, "pg": 2, "mrt": 2, "mgs": 3, "mgs_blind": 3}
+    assert repro.arm_steps()["equal_steps"] == {a: 3 for a in ("mle", "pg", "mrt", "mgs", "mgs_blind")}
+
+
+def _reproduce(tmp_path, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    docs = tmp_path / "docs"
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "mt", "--budget", "tiny",
+                           "--out", str(tmp_path / "runs"), "--results-md", str(docs / "results.md"),
+                           "--img-dir", str(docs / "img"), "--json", str(docs / "results" / "mt.json"), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_end_to_end_and_resume(tmp_path, data_dir):
+    proc = _reproduce(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    docs = tmp_path / "docs"
+    results = json.loads((docs / "results" / "mt.json").read_text())
+    md = (docs / "results.md").read_text()
+    # every arm x seed x budget ran, was tested greedy and beam 4, and reached the table
+    assert {(r["budget"], r["arm"], r["seed"]) for r in results["runs"]} == {
+        (b, a, s) for b in ("equal_time", "equal_steps") for a in ("mle", "pg", "mrt", "mgs", "mgs_blind")
+        for s in (0, 1)}
+    for r in results["runs"]:
+        assert set(r["test"]) == {"greedy", "beam4"} and r["test"]["greedy"]["n"] == 32
+        assert r["curve"] and r["curve"][0][0] == 0
+    steps = results["calibration"]["arm_steps"]
+    assert all(r["steps"] == steps[r["budget"]][r["arm"]] for r in results["runs"])
+    assert results["lr_search"]["chosen"] in (1e-4, 1e-3)
+    assert "BLEU+case.mixed" in md and "chrF2" in md and "MGS-blind" in md and "## Verdict" in md
+    assert "mgs vs mle" in json.dumps(results["significance"])
+    assert (docs / "results" / "mt.csv").read_text().count("\n") == len(results["runs"]) + 1
+    for b in ("equal_time", "equal_steps"):
+        assert (docs / "img" / f"mt-{b}.png").stat().st_size > 10_000
+    # a second call finds everything done: no run starts again, the same numbers come out
+    logs = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "logs").iterdir()}
+    again = _reproduce(tmp_path, "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs" / "logs").iterdir()} == logs
+    assert json.loads((docs / "results" / "mt.json").read_text())["runs"] == results["runs"]
