@@ -145,7 +145,8 @@ def collect(repro, commands: dict) -> dict:
     results = {
         "task": task.name, "budget": budget.name, "metric": task.metric, "commit": git_commit(),
         "date": datetime.date.today().isoformat(), "seeds": repro.seeds, "train_s": budget.train_s,
-        "notes": budget.notes, "out": str(repro.out), "decodes": list(repro.decodes()),
+        "notes": budget.notes, "out": str(repro.out),
+        "decodes": [] if task.from_scratch else list(repro.decodes()),
         "calibration": {"steps": budget.calibration_steps, "rounds": budget.calibration_rounds,
                         "step_s": repro.step_seconds(), "arm_steps": repro.arm_steps()},
         "lr_search": {"scores": {f"{k:g}": v for k, v in repro.lr_scores().items()}, "chosen": lr}
@@ -331,10 +332,10 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                   f"; chosen lr {ls['chosen']:g}. Nothing was tuned on the test split.", ""]
     if results.get("base"):
         base = results["base"]
-        lines += ["## Base", "", f"Checkpoint `{Path(base['checkpoint']).relative_to(results['out'])}`"
-                  if base["checkpoint"].startswith(results["out"]) else f"Checkpoint `{base['checkpoint']}`",
-                  "" if base["val_best"] is None else
-                  f" (best validation {m} {base['val_best']:.2f}; the run stopped at step {base['steps']}).", ""]
+        where = Path(base["checkpoint"])
+        where = where.relative_to(results["out"]) if base["checkpoint"].startswith(results["out"]) else where
+        lines += ["## Base", "", f"Checkpoint `{where}`" + ("." if base["val_best"] is None else
+                  f" (best validation {m} {base['val_best']:.2f}; the run stopped at step {base['steps']})."), ""]
         lines += [markdown_table(["decode", f"test {m}", "test chrF"],
                                  [[d, f"{base['test'][d]['score']:.2f}", f"{base['test'][d]['chrf']:.2f}"]
                                   for d in decodes]), ""]
