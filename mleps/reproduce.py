@@ -24,6 +24,7 @@ function of finished runs' files, so a killed driver takes the same decisions ag
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -243,7 +244,7 @@ class Reproduction:
     """The stages of one task under one budget, in `out`."""
 
     def __init__(self, task: str, budget: str, out: Path, seeds: list[int] | None = None,
-                 base: Path | None = None, jobs: int = 2, progress: bool = True):
+                 base: Path | None = None, beams: list[int] | None = None, jobs: int = 2, progress: bool = True):
         if task not in TASKS:
             raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
         if budget == "paper":
@@ -251,6 +252,10 @@ class Reproduction:
         if (task, budget) not in BUDGETS:
             raise UserError(f"unknown budget '{budget}' for {task}: use cpu, tiny or paper")
         self.task, self.budget = TASKS[task], BUDGETS[(task, budget)]
+        if beams:
+            if any(b < 1 for b in beams):
+                raise UserError(f"--beams {beams}: beam sizes are 1 (greedy) or more")
+            self.budget = dataclasses.replace(self.budget, beams=tuple(dict.fromkeys(beams)))
         self.out = Path(out).resolve()
         self.seeds = list(seeds) if seeds else list(self.budget.seeds)
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
@@ -411,9 +416,9 @@ class Reproduction:
         return out
 
     def stage_test(self) -> list[Job]:
-        jobs = []
-        for label, ckpt in self.tested().items():
-            for decode, beams in self.decodes().items():
+        jobs = []  # every greedy decode first: the cheap, primary numbers are there early
+        for decode, beams in self.decodes().items():
+            for label, ckpt in self.tested().items():
                 done = self.test_file(label, decode)
                 argv = ["mleps.evaluate", f"checkpoint={ckpt}", f"data={self.task.data}", f"metric={self.task.metric}",
                         "split=test", f"decode.num_beams={beams}", f"predictions={done.with_suffix('.txt')}",
