@@ -290,12 +290,13 @@ class Loop:
             self.state = rundir.read_state(self.resume_from)
             log.info("resuming %s at step %d", self.run_dir, self.state["step"])
         summary = {"run_dir": str(self.run_dir), "phases": []}
-        for phase in self.phases:
+        firsts = self.state.setdefault("phase_first_steps", {})
+        for i, phase in enumerate(self.phases):
             # A phase starts where the one before it stopped (early, by patience or max_train_s).
-            phase.first_step = self.state.setdefault("phase_first_steps", {}).setdefault(
-                phase.name, min(self.state["step"], phase.first_step))
+            phase.first_step = firsts.setdefault(phase.name, min(self.state["step"], phase.first_step))
+            later_started = any(p.name in firsts for p in self.phases[i + 1:])  # e.g. this one ran out of max_train_s
             finished = (self.state["step"] >= phase.last_step or phase.name in self.state.get("early_stopped", {})
-                        or phase.name in self.state.get("phase_end_scores", {}))  # ended by max_train_s
+                        or later_started)
             if finished:  # before a resume
                 summary["phases"].append(self._phase_summary(phase))
                 continue

@@ -31,25 +31,33 @@ def _finite(value, key: str, low: float = float("-inf"), strict: bool = False) -
         raise UserError(f"{key}={value}: use a finite number{bound}")
 
 
-def check_trainer(tcfg, prefix: str = "trainer") -> None:
+WARM_START_KEYS = {"max_steps": "warm_start_steps", "lr": "warm_start_lr", "eval_every": "warm_start_eval_every",
+                   "schedule": "warm_start_schedule", "warmup_steps": "warm_start_warmup_steps",
+                   "label_smoothing": "warm_start_label_smoothing"}  # the warm start's settings (mleps.loop.make_phases)
+
+
+def check_trainer(tcfg, warm_start: bool = False) -> None:
     """One phase's trainer section (the main trainer, or the warm start's MLE settings)."""
+    def key_of(k: str) -> str:  # the key the user sets
+        return f"trainer.{WARM_START_KEYS.get(k, k) if warm_start else k}"
+
     for key in ("batch_size", "gradient_accumulation_steps", "eval_every", "log_every", "save_every",
                 "max_bad_steps"):
-        _at_least(tcfg[key], 1, f"{prefix}.{key}")
+        _at_least(tcfg[key], 1, key_of(key))
     for key in ("max_steps", "warmup_steps", "warm_start_steps"):
-        _at_least(tcfg[key], 0, f"{prefix}.{key}")
-    _at_least(tcfg.patience, 1, f"{prefix}.patience")
-    _finite(tcfg.lr, f"{prefix}.lr", 0.0)
-    _finite(tcfg.weight_decay, f"{prefix}.weight_decay", 0.0)
-    _finite(tcfg.max_grad_norm, f"{prefix}.max_grad_norm", 0.0)
+        _at_least(tcfg[key], 0, key_of(key))
+    _at_least(tcfg.patience, 1, key_of("patience"))
+    _finite(tcfg.lr, key_of("lr"), 0.0)
+    _finite(tcfg.weight_decay, key_of("weight_decay"), 0.0)
+    _finite(tcfg.max_grad_norm, key_of("max_grad_norm"), 0.0)
     if not 0 <= tcfg.label_smoothing < 1:
-        raise UserError(f"{prefix}.label_smoothing={tcfg.label_smoothing}: use a number in [0, 1)")
+        raise UserError(f"{key_of('label_smoothing')}={tcfg.label_smoothing}: use a number in [0, 1)")
     if len(tcfg.betas) != 2 or not all(0 <= b < 1 for b in tcfg.betas):
-        raise UserError(f"{prefix}.betas={list(tcfg.betas)}: use two numbers in [0, 1), e.g. [0.9, 0.98]")
+        raise UserError(f"{key_of('betas')}={list(tcfg.betas)}: use two numbers in [0, 1), e.g. [0.9, 0.98]")
     if tcfg.max_train_s is not None:
-        _finite(tcfg.max_train_s, f"{prefix}.max_train_s", 0.0, strict=True)
+        _finite(tcfg.max_train_s, key_of("max_train_s"), 0.0, strict=True)
     if tcfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown {prefix}.schedule '{tcfg.schedule}': use one of {', '.join(SCHEDULES)}")
+        raise UserError(f"unknown {key_of('schedule')} '{tcfg.schedule}': use one of {', '.join(SCHEDULES)}")
     rule_class(tcfg.name).check_config(tcfg)
 
 
@@ -69,9 +77,9 @@ def validate_train_config(cfg, phases) -> None:
     check_known_keys(cfg)
     main = cfg.trainer
     check_trainer(main)
-    for phase in phases:  # the warm start's settings are trainer.warm_start_* (see mleps.loop.make_phases)
+    for phase in phases:
         if phase.name != "main":
-            check_trainer(phase.trainer, prefix=f"trainer (warm start: trainer.warm_start_*)")
+            check_trainer(phase.trainer, warm_start=True)
     _at_least(cfg.seed, 0, "seed")
     if cfg.seed >= 2**32:
         raise UserError(f"seed={cfg.seed}: use a number below 2**32")

@@ -152,7 +152,7 @@ def test_a_bad_number_or_choice_fails_at_start_and_writes_nothing(tmp_path, capf
 
 @pytest.mark.parametrize("override,needle", [
     ("trainer.density=typo", "trainer: density"), ("trainer.guide=nope", "trainer.guide=nope"),
-    ("trainer.perturb=x", "trainer.perturb=x"), ("trainer.warm_start_schedule=x", "trainer.schedule 'x'"),
+    ("trainer.perturb=x", "trainer.perturb=x"), ("trainer.warm_start_schedule=x", "trainer.warm_start_schedule 'x'"),
     ("trainer.num_samples=0", "num_samples"),
 ])
 def test_a_bad_option_of_the_main_phase_fails_before_the_warm_start(tmp_path, capfd, pairs, override, needle):
