@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from mleps.errors import UserError
 from mleps.models import MLEPS_META
@@ -58,16 +59,33 @@ def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | No
             os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
-    except (OSError, RuntimeError) as e:  # torch.save and safetensors report I/O errors as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors report I/O errors in their own types
         shutil.rmtree(tmp, ignore_errors=True)
         find_complete(folder)  # put the old folder back if it was already moved aside
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not write checkpoint {folder}: {reason} (the previous checkpoint is kept)") from None
+        raise UserError(f"could not write checkpoint {folder}: {write_error(e, folder.parent)} "
+                        f"(the previous checkpoint is kept)") from None
     except BaseException:  # KeyboardInterrupt etc.: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def write_error(e: BaseException, where: Path) -> str:
+    """A short reason for a failed write. torch says "[enforce fail at inline_container.cc...] ...
+    file write failed" and safetensors "IoError(Os { code: 28, ... })" for a full disk."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    if "No space left" in text or "StorageFull" in text or "code: 28" in text:
+        return "No space left on device"
+    try:
+        if shutil.disk_usage(where).free < 64 * 2**20:  # torch does not say why a write failed
+            return "No space left on device"
+    except OSError:
+        pass
+    text = text.split("] . ", 1)[-1] if text.startswith("[enforce fail") else text  # torch's C++ location
+    return (text.splitlines() or [type(e).__name__])[0][:200]
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -111,8 +129,8 @@ def load_training_state(folder: Path, optimizer=None, scheduler=None) -> dict:
 
     Every file is required: resuming without one would silently not be the same run."""
     def fail(path, e):
-        raise UserError(f"cannot resume: {path} is missing or unreadable ({type(e).__name__}); "
-                        f"start again with overwrite=true") from None
+        raise UserError(f"cannot resume: {path} is missing or unreadable ({type(e).__name__}): resume from an "
+                        f"intact copy of the run, or start a new run in another output_dir") from None
 
     path = folder / STATE_FILE
     try:

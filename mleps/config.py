@@ -78,10 +78,14 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     max_train_s: Optional[float] = None  # stop the phase after this much training time (equal-time comparisons)
     patience: Optional[int] = None  # end the phase after this many evaluations without a new best (null = off)
-    # The paper's recipe: MLE from scratch, then this rule. Skipped when 0.
+    # The paper's recipe: MLE from scratch, then this rule. Skipped when 0. The warm start is an
+    # MLE phase with these settings and this trainer's batch layout, clipping and logging.
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3
     warm_start_eval_every: int = 500
+    warm_start_schedule: str = "inverse_sqrt"
+    warm_start_warmup_steps: int = 200
+    warm_start_label_smoothing: float = 0.1
 
 
 @dataclass
@@ -170,21 +174,20 @@ class EvaluateConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     split: str = "test"
     data_dir: str = "data"
-    predictions: Optional[str] = None  # default: <checkpoint>/predictions-<data>-<split>.txt
+    predictions: Optional[str] = None  # default: <checkpoint>/predictions-<data>-<split>-<file stem>-<hash>.txt
     source_prefix: Optional[str] = None  # null: the checkpoint's own (saved at training time)
     seed: int = 0
     progress: bool = True
 
 
-TRAINER_SCHEMAS = {"mle": MLEConfig, "mgs": MGSConfig, "pg": PGConfig, "mrt": MRTConfig}
-
-
 def register_configs() -> None:
+    from mleps.trainers import RULES  # the one table of rules and their schemas
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="metric", name="metric_schema", node=MetricConfig)
-    for name, schema in TRAINER_SCHEMAS.items():
-        cs.store(group="trainer", name=f"{name}_schema", node=schema)
+    for name, rule in RULES.items():
+        cs.store(group="trainer", name=f"{name}_schema", node=rule.schema)

@@ -68,6 +68,11 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
                 f"(set data.source_column / data.target_column / data.reference_columns)"
             )
 
+    for col in (data_cfg.source_column, data_cfg.target_column):  # str() of a list would train on "['a', 'b']"
+        if not isinstance(raw.features[col], datasets.Value):
+            raise UserError(f"column '{col}' of {path} holds lists or objects, not text: point "
+                            f"data.source_column / data.target_column at a text column")
+
     def normalise(row):
         source = _text(row[data_cfg.source_column])
         target = _text(row[data_cfg.target_column])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 USER_ERROR_EXIT = 2  # bad input or config
@@ -28,11 +29,15 @@ class RanksDiverged(UserError):
     exit_code = RANKS_DIVERGED_EXIT
 
 
+_task_started = [False]  # Hydra's own errors come before the task; the task's own bugs keep their traceback
+
+
 def exit_on_user_error(fn):
     """Turn a UserError into `error: <message>` on stderr and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _task_started[0] = True
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -41,3 +46,50 @@ def exit_on_user_error(fn):
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def run_hydra(hydra_main) -> None:
+    """Call a @hydra.main function; Hydra's own errors (an unknown key, group or option, a wrong
+    type, a run dir it cannot create) become one `error: ...` line and exit 2, like ours."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # raise instead of printing a multi-line report and exiting 1
+    _task_started[0] = False
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException, OSError) as e:
+        if _task_started[0]:
+            raise
+        print(f"error: {hydra_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def hydra_message(e: BaseException) -> str:
+    """One line from Hydra's and OmegaConf's multi-line messages (internal *_schema options left out)."""
+    chain, seen = [], e
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, UserError):  # raised by a resolver, e.g. the run dir's
+            return str(err)
+    if isinstance(e, OSError):
+        return f"cannot create the run dir {e.filename}: {e.strerror or e}: pass output_dir=A_WRITABLE_FOLDER"
+    parts, options = [], []
+    for err in chain:
+        for line in str(err).splitlines():
+            if line.startswith("\t"):
+                if not line.strip().endswith("_schema"):
+                    options.append(line.strip())
+            elif line.strip() and not line[0].isspace() and not line.startswith("Set the environment") \
+                    and line.strip() not in parts:
+                parts.append(line.strip().rstrip(".:"))
+    message = "; ".join(p for p in parts if not p.startswith("Available options"))
+    return message + (f"; available: {', '.join(options)}" if options else "")

@@ -6,6 +6,7 @@ and prints, as its last line, one JSON object: metric, score, n, the metric's ow
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -14,10 +15,20 @@ import torch
 from omegaconf import OmegaConf
 
 from mleps.config import register_configs
-from mleps.errors import UserError, exit_on_user_error
+from mleps.errors import UserError, exit_on_user_error, run_hydra
 
 log = logging.getLogger("mleps")
 register_configs()
+
+
+def default_predictions_name(data_cfg, split: str) -> str:
+    """predictions-<data>-<split>-<file stem>-<hash of its path>.txt: two local test files (even two
+    test.jsonl in different folders) never write over each other's predictions."""
+    from mleps.data import data_path
+
+    file = data_path(data_cfg[f"{split}_file"])
+    digest = hashlib.sha256(str(file).encode()).hexdigest()[:8]
+    return f"predictions-{data_cfg.name}-{split}-{file.stem}-{digest}.txt"
 
 
 def evaluate_checkpoint(cfg) -> dict:
@@ -37,7 +48,7 @@ def evaluate_checkpoint(cfg) -> dict:
                      max_source_length=cfg.data.max_source_length, progress=cfg.progress, desc=f"decode {cfg.split}")
     result = metric.corpus_score(hyps, ds["references"])
     out = data_path(cfg.predictions) if cfg.predictions else \
-        data_path(cfg.checkpoint) / f"predictions-{cfg.data.name}-{cfg.split}.txt"
+        data_path(cfg.checkpoint) / default_predictions_name(cfg.data, cfg.split)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps), encoding="utf-8")
@@ -48,8 +59,12 @@ def evaluate_checkpoint(cfg) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @exit_on_user_error
-def main(cfg) -> None:
+def evaluate(cfg) -> None:
     print(json.dumps(evaluate_checkpoint(cfg)))
+
+
+def main() -> None:
+    run_hydra(evaluate)
 
 
 if __name__ == "__main__":

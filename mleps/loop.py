@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
 from mleps.config import MLEConfig
 from mleps.data import BatchStream, Collator, load_split, tokenize
@@ -37,7 +37,9 @@ from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, Use
 from mleps.metrics_config import metric_from_config
 from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
 from mleps import distributed
+from mleps.schedules import build_scheduler
 from mleps.trainers import build_rule
+from mleps.validate import validate_train_config
 from mleps.trainers.base import Shard, label_tokens
 
 log = logging.getLogger(__name__)
@@ -59,43 +61,32 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def _fused_adamw_supported(device) -> bool:
+    """torch >= 2.4 has a fused AdamW on CPU; CUDA has had one longer; other devices may not."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    try:
+        return device.type in _get_fused_kernels_supported_devices()
+    except Exception:  # noqa: BLE001  (a private helper: absent or changed in other torch versions)
+        return device.type == "cuda"
+
+
 def make_phases(trainer_cfg) -> list[Phase]:
     phases = []
     if trainer_cfg.warm_start_steps > 0:
+        t = trainer_cfg  # the warm start: MLE with the trainer.warm_start_* settings and the trainer's batch layout
         warm = OmegaConf.structured(MLEConfig(
-            max_steps=trainer_cfg.warm_start_steps, batch_size=trainer_cfg.batch_size, lr=trainer_cfg.warm_start_lr,
-            gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
-            schedule="inverse_sqrt", warmup_steps=200, label_smoothing=0.1,
-            eval_every=trainer_cfg.warm_start_eval_every, log_every=trainer_cfg.log_every,
-            save_every=trainer_cfg.save_every, max_bad_steps=trainer_cfg.max_bad_steps,
+            max_steps=t.warm_start_steps, batch_size=t.batch_size, lr=t.warm_start_lr,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            schedule=t.warm_start_schedule, warmup_steps=t.warm_start_warmup_steps,
+            label_smoothing=t.warm_start_label_smoothing,
+            eval_every=t.warm_start_eval_every, log_every=t.log_every,
+            save_every=t.save_every, max_bad_steps=t.max_bad_steps,
         ))
         phases.append(Phase("warm_start", warm, 0, trainer_cfg.warm_start_steps))
     start = phases[-1].last_step if phases else 0
     phases.append(Phase("main", trainer_cfg, start, trainer_cfg.max_steps))
     return phases
-
-
-def lr_lambda(cfg):
-    """Multiplier of the base LR at a phase-local step."""
-    warmup = max(cfg.warmup_steps, 0)
-    if cfg.schedule not in ("constant", "linear", "inverse_sqrt", "cosine"):
-        raise UserError(f"unknown trainer.schedule '{cfg.schedule}': use constant, linear, inverse_sqrt or cosine")
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        if cfg.schedule == "inverse_sqrt":
-            return math.sqrt(max(warmup, 1) / max(step, 1)) if warmup else 1 / math.sqrt(max(step, 1))
-        progress = (step - warmup) / max(cfg.max_steps - warmup, 1)
-        if cfg.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        raise UserError(f"unknown trainer.schedule '{cfg.schedule}': use constant, linear, inverse_sqrt or cosine")
-
-    return f
 
 
 class MetricsLog:
@@ -143,45 +134,6 @@ class Interrupt:
         self.signum = signum
 
 
-def prepare_run_dir(cfg, run_dir: Path) -> bool:
-    """Refuse to mix two runs in one folder. Returns True when resuming."""
-    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for the CLI; not for Loop used as a library
-    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if cfg.resume or holds_run and cfg.overwrite:  # written again when this run finishes
-        (run_dir / "summary.json").unlink(missing_ok=True)
-    if cfg.resume:
-        last = find_complete(run_dir / "checkpoints" / "last")
-        if last is not None:
-            # Events logged after the checkpoint by the run that stopped are logged again by this one.
-            _truncate_metrics(run_dir / "metrics.jsonl", json.loads((last / "trainer_state.json").read_text())["step"])
-            return True
-        if holds_run:  # stopped before its first save: step 0 is its last checkpoint
-            log.warning("resume: %s has no complete checkpoints/last yet; starting it again from step 0", run_dir)
-        else:
-            log.info("resume: no checkpoint in %s yet, starting fresh", run_dir)
-    elif holds_run and not cfg.overwrite:
-        raise UserError(f"{run_dir} already holds a run: pass resume=true to continue it or overwrite=true to replace it")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return False
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] > step:
-                continue
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-            continue
-        keep.append(line)
-    if len(keep) < len(lines):
-        path.write_text("".join(keep))
-
-
 class Loop:
     def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
@@ -191,10 +143,10 @@ class Loop:
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        # Every input is checked and loaded before the run dir is touched: a bad one never costs a run.
+        self.phases = make_phases(cfg.trainer)
+        validate_train_config(cfg, self.phases)
         self.interrupt = Interrupt()  # from here on, SIGTERM/SIGINT stop at a step boundary
-        if cfg.trainer.gradient_accumulation_steps < 1:
-            raise UserError(f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps}: "
-                            f"use 1 or more")
         # A rank stuck in a collective (another one crashed or took a different branch) fails after
         # collective_timeout_s instead of hanging the job.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
@@ -209,16 +161,20 @@ class Loop:
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
             logging.getLogger("mleps").setLevel(logging.WARNING)
-        resuming = distributed.on_main_then_broadcast(self.accelerator, lambda: prepare_run_dir(cfg, self.run_dir))
         set_seed(cfg.seed)
         self.metric = metric_from_config(cfg.metric)
         self.eval_metric = metric_from_config(cfg.metric, level="corpus")
 
         train_ds = load_split(cfg.data, "train")
         self.val_ds = load_split(cfg.data, "validation") if cfg.data.validation_file else None
-        if resuming:  # the run's own last checkpoint replaces model.* / init_from
-            last = find_complete(self.ckpt_dir / "last")
-            model, tokenizer, meta = load_checkpoint(str(last), trust_remote_code=cfg.model.trust_remote_code)
+        if self.val_ds is None:
+            log.warning("no data.validation_file: no evaluations, so no checkpoints/best and no early stopping; "
+                        "the result is checkpoints/last")
+        # None: a new run (or one stopped before its first save)
+        self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
+                                                              lambda: rundir.check_run_dir(cfg, self.run_dir))
+        if self.resume_from is not None:  # the run's own last checkpoint replaces model.* / init_from
+            model, tokenizer, meta = load_checkpoint(str(self.resume_from), trust_remote_code=cfg.model.trust_remote_code)
             self.source_prefix = meta.get("source_prefix", "")
         else:
             with self.accelerator.main_process_first():  # the main process trains and caches the tokenizer
@@ -227,19 +183,25 @@ class Loop:
         log.info("model: %s, %.1f M parameters", type(model).__name__, num_parameters(model) / 1e6)
         self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
         self.collate = Collator(tokenizer, model)
-        self.phases = make_phases(cfg.trainer)
-        self.logger = MetricsLog(self.run_dir, cfg.tensorboard, self.is_main)
+        # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
+        distributed.on_main_then_broadcast(self.accelerator,
+                                           lambda: rundir.prepare_run_dir(cfg, self.run_dir, self.resume_from))
+        try:
+            self.logger = MetricsLog(self.run_dir, cfg.tensorboard, self.is_main)
+        except BaseException:
+            self._restore_previous_run()
+            raise
         self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
                       "bad_steps_in_a_row": 0}
-        self.resume_from = find_complete(self.ckpt_dir / "last") if resuming else None
 
     def _setup_phase(self, phase: Phase):
         tcfg = phase.trainer
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # fused: one kernel for all tensors (about half the time of the default loop on CPU)
+        # fused: one kernel for all tensors (about half the time of the default loop on CPU), where the
+        # installed torch has it for this device
         optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
-                                      fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+                                      fused=_fused_adamw_supported(self.accelerator.device) or None)
+        scheduler = build_scheduler(optimizer, tcfg)
         model, optimizer = self.accelerator.prepare(self.model, optimizer)
         rule = build_rule(tcfg.name, cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
                           accelerator=self.accelerator, seed=self.cfg.seed)
@@ -299,6 +261,8 @@ class Loop:
             state = dict(self.state, elapsed_s=self._elapsed())
             save_checkpoint(self.ckpt_dir / name, self.accelerator.unwrap_model(self.model), self.tokenizer,
                             self.meta(), state=state, optimizer=optimizer, scheduler=scheduler)
+            if name == "last":  # the new run can be resumed: an overwritten one is no longer needed
+                rundir.drop_previous_run(self.run_dir)
         self.accelerator.wait_for_everyone()
 
     def _elapsed(self) -> float:
@@ -308,18 +272,31 @@ class Loop:
     def train(self) -> dict:
         try:
             return self._train()
+        except BaseException:
+            self._restore_previous_run()
+            raise
         finally:
             self.interrupt.restore()
+
+    def _restore_previous_run(self) -> None:
+        """overwrite=true and this run stopped before saving checkpoints/last: the old run comes back."""
+        if self.is_main:
+            rundir.restore_previous_run(self.run_dir)
 
     def _train(self) -> dict:
         self._t_start = time.perf_counter()
         interrupt = self.interrupt
         if self.resume_from is not None:
-            self.state = json.loads((self.resume_from / "trainer_state.json").read_text())
+            self.state = rundir.read_state(self.resume_from)
             log.info("resuming %s at step %d", self.run_dir, self.state["step"])
         summary = {"run_dir": str(self.run_dir), "phases": []}
-        for phase in self.phases:
-            finished = self.state["step"] >= phase.last_step or phase.name in self.state.get("early_stopped", {})
+        firsts = self.state.setdefault("phase_first_steps", {})
+        for i, phase in enumerate(self.phases):
+            # A phase starts where the one before it stopped (early, by patience or max_train_s).
+            phase.first_step = firsts.setdefault(phase.name, min(self.state["step"], phase.first_step))
+            later_started = any(p.name in firsts for p in self.phases[i + 1:])  # e.g. this one ran out of max_train_s
+            finished = (self.state["step"] >= phase.last_step or phase.name in self.state.get("early_stopped", {})
+                        or later_started)
             if finished:  # before a resume
                 summary["phases"].append(self._phase_summary(phase))
                 continue
@@ -350,7 +327,9 @@ class Loop:
         return summary
 
     def _phase_summary(self, phase: Phase) -> dict:
-        return {"phase": phase.name, "trainer": phase.trainer.name, "steps": phase.steps,
+        stopped = self.state.get("early_stopped", {}).get(phase.name, min(self.state["step"], phase.last_step))
+        return {"phase": phase.name, "trainer": phase.trainer.name, "steps": stopped - phase.first_step,
+                "configured_steps": phase.steps,
                 "early_stop_step": self.state.get("early_stopped", {}).get(phase.name),
                 "start_score": self.state.get("phase_start_scores", {}).get(phase.name),
                 "end_score": self.state.get("phase_end_scores", {}).get(phase.name, self.state.get("last_score"))}
@@ -447,10 +426,12 @@ class Loop:
     def _count_bad_step(self, step: int, max_bad_steps: int) -> None:
         self.state["bad_steps_total"] += 1
         in_a_row = self.state["bad_steps_in_a_row"] = self.state.get("bad_steps_in_a_row", 0) + 1
+        # Step numbers as in metrics.jsonl: the step that ends with this update.
         log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, at most %d)",
-                    step, in_a_row, max_bad_steps)
+                    step + 1, in_a_row, max_bad_steps)
         if in_a_row >= max_bad_steps:
-            last = find_complete(self.ckpt_dir / "last")
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
-            raise TrainingDiverged(f"{in_a_row} non-finite steps in a row (up to step {step}, exit code "
+            last, best = find_complete(self.ckpt_dir / "last"), find_complete(self.ckpt_dir / "best")
+            where = (f"the last good checkpoint is {last}" if last else
+                     f"checkpoints/last was not saved yet; the best is {best}" if best else "no checkpoint was saved")
+            raise TrainingDiverged(f"{in_a_row} non-finite steps in a row (up to step {step + 1}, exit code "
                                    f"{BAD_STEPS_EXIT}); {where}: lower trainer.lr or raise trainer.max_bad_steps")

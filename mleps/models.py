@@ -150,15 +150,36 @@ def load_checkpoint(path: str, trust_remote_code: bool = False):
             f"{folder} holds no model files (config.json + *.safetensors): "
             f"pass a checkpoint folder written by mleps.train, e.g. RUN/checkpoints/last"
         )
-    model, tokenizer = from_pretrained(str(folder), trust_remote_code)
+    try:
+        model, tokenizer = from_pretrained(str(folder), trust_remote_code)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (safetensors, transformers and tokenizers raise many types)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if not _has_tokenizer(folder):
+            what = "no tokenizer files (tokenizer.json / tokenizer_config.json)"
+        elif type(e).__name__ == "SafetensorError" or "safetensors" in first.lower() or "deserializ" in first.lower():
+            what = f"its files are truncated or corrupt ({first})"
+        else:
+            what = first
+        raise UserError(f"could not load checkpoint {folder}: {what}: pass a complete checkpoint folder "
+                        f"written by mleps.train") from None
     meta_file = folder / MLEPS_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except ValueError:
+        raise UserError(f"could not load checkpoint {folder}: {MLEPS_META} is not valid JSON") from None
     # from_pretrained makes every parameter trainable (e.g. Marian's sinusoidal positions): freeze
     # again what the run froze, so fine-tuning and resumed optimizer states see the same parameters.
     frozen = set(meta.get("frozen_parameters", []))
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     return model, tokenizer, meta
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model",
+                                                      "vocab.json", "source.spm"))
 
 
 def _check_vocab(model, tokenizer, where) -> None:

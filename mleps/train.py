@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from mleps.config import register_configs
-from mleps.errors import UserError, exit_on_user_error
+from mleps.errors import UserError, exit_on_user_error, run_hydra
 
 log = logging.getLogger("mleps")
 register_configs()
@@ -24,9 +24,16 @@ register_configs()
 
 def _run_dir(output_dir, resume, default):
     """output_dir if set, else the run dir named by resume=PATH, else Hydra's dated folder."""
+    from mleps.rundir import holds_run, resume_path
+
     if output_dir:
         return output_dir
-    return resume if isinstance(resume, str) and resume.lower() not in ("true", "false") else default
+    path = resume_path(resume)
+    if path is None:
+        return default
+    if not holds_run(Path(path).absolute()):  # checked before Hydra creates the folder
+        raise UserError(f"resume={path}: no run there (no metrics.jsonl or checkpoints/): check the path")
+    return path
 
 
 OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
@@ -42,15 +49,24 @@ def summary_table(summary: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def _set_on_command_line(key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_user_error
-def main(cfg) -> None:
+def train(cfg) -> None:
     from mleps.loop import Loop
     from mleps.plotting import plot_run
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.output_dir and _run_dir(None, cfg.resume, None) is None:
         # Hydra's dated folder is named by each process's own clock: they could write to two.
         raise UserError("several processes need one run dir: pass output_dir=PATH")
+    if cfg.init_from and cfg.trainer.warm_start_steps and not _set_on_command_line("trainer.warm_start_steps"):
+        # Fine-tuning a given checkpoint must not first retrain it with MLE (trainer=mgs's default warm start).
+        log.info("init_from=%s: no MLE warm start (trainer.warm_start_steps=%d is for runs from scratch; "
+                 "pass it explicitly to have one)", cfg.init_from, cfg.trainer.warm_start_steps)
+        cfg.trainer.warm_start_steps = 0
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     loop = Loop(cfg, run_dir)
     loop.setup()
@@ -65,6 +81,10 @@ def main(cfg) -> None:
         tmp = run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(run_dir / "summary.json")
+
+
+def main() -> None:
+    run_hydra(train)
 
 
 if __name__ == "__main__":

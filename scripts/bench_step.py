@@ -173,9 +173,9 @@ def model_cfg(size: str):
 
 
 def trainer_cfg(name: str, **overrides):
-    from mleps.config import TRAINER_SCHEMAS
+    from mleps.trainers import RULES
 
-    return OmegaConf.merge(load_yaml(ROOT / "conf" / "trainer" / f"{name}.yaml", TRAINER_SCHEMAS[name]), overrides)
+    return OmegaConf.merge(load_yaml(ROOT / "conf" / "trainer" / f"{name}.yaml", RULES[name].schema), overrides)
 
 
 def to_device(batch: dict, device) -> dict:

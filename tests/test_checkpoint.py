@@ -207,5 +207,27 @@ def test_pickled_trainer_state_is_refused_and_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
-def test_remote_code_is_off_unless_configured():
+def test_remote_code_is_off_unless_configured(tmp_path):
+    """A checkpoint whose config.json points at its own Python code (auto_map) is refused through
+    the real load path, and the code never runs, unless model.trust_remote_code=true."""
+    import json
+
     assert ModelConfig.trust_remote_code is False
+    model, tokenizer, _, _ = tiny()
+    folder = save(tmp_path / "remote", model, tokenizer)
+    marker = tmp_path / "remote_code_ran"
+    (folder / "custom_marian.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import MarianConfig, MarianMTModel\n"
+        "class CustomConfig(MarianConfig):\n    model_type = 'custom_marian'\n"
+        "class CustomModel(MarianMTModel):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_marian", auto_map={"AutoConfig": "custom_marian.CustomConfig",
+                                                        "AutoModelForSeq2SeqLM": "custom_marian.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as err:
+        load_checkpoint(str(folder))
+    assert "\n" not in str(err.value) and str(folder) in str(err.value)
+    assert not marker.exists(), "the checkpoint's own code ran without trust_remote_code"
+    loaded, _, _ = load_checkpoint(str(folder), trust_remote_code=True)
+    assert marker.exists() and type(loaded).__name__ == "CustomModel"

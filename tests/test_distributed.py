@@ -71,7 +71,7 @@ def two_processes(tmp_path_factory, data_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "--main_process_port", "29531", str(REPO / "tests" / "distributed_worker.py"),
+                           "--main_process_port", str(free_port()), str(REPO / "tests" / "distributed_worker.py"),
                            str(out), str(spec_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -155,6 +155,15 @@ def test_a_collective_one_process_never_joins_fails_after_the_timeout(two_proces
     assert TIMEOUT_S - 1 <= r["waited_s"] < TIMEOUT_S + 9, r
 
 
+def free_port() -> int:
+    """A port nothing listens on now (a fixed one collides with other test runs on the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(*args: str, port: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -169,9 +178,9 @@ def test_accelerate_launch_cli_resumes_two_processes_exactly(tmp_path, data_dir)
     args = [*overrides(data_dir, "pg"), "trainer.eval_every=1000", f"output_dir={run}"]
     # cpu=true left out once: on a machine without GPUs the processes must still form one group
     # (they used to train as two independent runs, each logging every step into the same folder)
-    first = launch(*[a for a in args if a != "cpu=true"], "trainer.max_steps=2", port=29541)
+    first = launch(*[a for a in args if a != "cpu=true"], "trainer.max_steps=2", port=free_port())
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(*args, "trainer.max_steps=4", "resume=true", port=29542)
+    second = launch(*args, "trainer.max_steps=4", "resume=true", port=free_port())
     assert second.returncode == 0, second.stderr[-3000:]
     steps = [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["split"] == "train"]
     assert steps == [1, 2, 3, 4], "each step logged once, by the main process"
@@ -198,7 +207,7 @@ def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(tmp_path, da
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(REPO / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29551",
+                             str(REPO / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                              "-m", "mleps.train", *overrides(data_dir, "mle"), "trainer.max_steps=100000",
                              "trainer.eval_every=100000", f"output_dir={run}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

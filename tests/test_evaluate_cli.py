@@ -22,6 +22,12 @@ def _refs(path, n, column):
 
 
 @pytest.mark.slow
+def _path_hash(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+
+
 def test_evaluate_cli_prints_json_and_its_bleu_is_sacrebleus(trained_run, data_dir, tmp_path):
     assert trained_run.rc == 0, trained_run.stderr[-3000:]
     ckpt = trained_run.dir / "checkpoints" / "last"
@@ -33,7 +39,7 @@ def test_evaluate_cli_prints_json_and_its_bleu_is_sacrebleus(trained_run, data_d
     result = _last_json(out)
     assert {"metric", "score", "n", "bleu", "signature", "predictions"} <= set(result)
     assert result["metric"] == "bleu" and result["n"] == 64
-    preds_file = ckpt / "predictions-multi30k_de_en-test.txt"
+    preds_file = ckpt / f"predictions-multi30k_de_en-test-test-{_path_hash(data_dir / 'multi30k' / 'test.jsonl')}.txt"
     assert result["predictions"] == str(preds_file)
     preds = preds_file.read_text(encoding="utf-8").split("\n")
     assert preds[-1] == "" and len(preds) - 1 == 64  # n lines, each newline-terminated
@@ -89,6 +95,7 @@ def test_evaluate_a_folder_without_model_files(tmp_path, capfd, data_dir):
     assert_user_error(code, err, str(tmp_path / "missing"), "not found")
 
 
+@pytest.mark.slow
 def test_evaluate_a_folder_without_model_files_in_a_real_process(tmp_path):
     empty = tmp_path / "not_a_checkpoint"
     empty.mkdir()

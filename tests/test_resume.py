@@ -29,6 +29,8 @@ from conftest import REPO, find_data_dir
 from mleps.checkpoint import STATE_FILE, find_complete
 from mleps.errors import INTERRUPTED_EXIT
 
+pytestmark = pytest.mark.slow  # real subprocesses, real kills, minutes
+
 TINY = ["model.vocab_size=300", "model.d_model=32", "model.layers=1", "model.heads=2", "model.ffn_dim=64",
         "model.dropout=0.1", "progress=false", "cpu=true", "decode.max_new_tokens=8", "decode.batch_size=16",
         "data.max_train_examples=128", "data.max_eval_examples=16", "data.max_source_length=32",

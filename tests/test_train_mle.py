@@ -165,6 +165,7 @@ def test_missing_data_file_names_the_path_and_make_data(tmp_path, capfd):
     assert_user_error(code, err, str(missing), "make data")
 
 
+@pytest.mark.slow
 def test_missing_dataset_folder_in_a_real_process(tmp_path):
     """A fresh clone without `make data`: the default data config, as a real subprocess."""
     rc, _, err = run_cli("mleps.train", "trainer=mle", *TINY_CLI, f"data_dir={tmp_path / 'nodata'}",

@@ -60,6 +60,12 @@ class UpdateRule:
         self.metric = metric
         self.accelerator = accelerator
         self.seed = seed
+        self.check_config(cfg)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise UserError for option values this rule cannot run with. Called at start for every
+        phase (mleps.validate), before anything is written, and again when the rule is built."""
 
     @property
     def unwrapped(self):

@@ -66,18 +66,24 @@ class MGS(UpdateRule):
         super().__init__(**kwargs)
         cfg = self.cfg
         self.search = search_config(cfg)
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UserError("trainer=mgs perturbs whole parameters in place: run it with DDP "
+                            "(conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
+        self.optimizer = None  # set by the loop
+        self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        search_config(cfg)
         choices = {"guide": ("scaled", "optimizer"), "perturb": ("inplace", "copy"),
                    "apply": ("optimizer", "sgd"), "decode": ("greedy", "sample"), "parallel": ("data", "population")}
         for key, allowed in choices.items():
             if cfg[key] not in allowed:
                 raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise UserError("trainer=mgs perturbs whole parameters in place: run it with DDP "
-                            "(conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
         if cfg.guide == "optimizer" and cfg.apply != "sgd":
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
-        self.optimizer = None  # set by the loop
-        self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
+        if cfg.max_new_tokens < 1:
+            raise UserError(f"trainer.max_new_tokens={cfg.max_new_tokens}: use 1 or more")
 
     @property
     def needs_every_micro_batch(self) -> bool:  # population search decodes the whole global batch

@@ -18,8 +18,9 @@ import time
 import torch
 
 from mleps.decoding import to_texts
+from mleps.errors import UserError
 from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
-from mleps.trainers.sequences import distinct_per_source, eos_ids, pad_rows, sample, sequence_log_probs, trim
+from mleps.trainers.sequences import check_sampling_config, distinct_per_source, eos_ids, pad_rows, sample, sequence_log_probs, trim
 
 
 def candidate_sets(samples: list[tuple[int, ...]], references: list[tuple[int, ...]] | None,
@@ -51,6 +52,12 @@ class MinimumRiskTraining(UpdateRule):
         self.eos = eos_ids(self.unwrapped)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos[0]
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_sampling_config(cfg)
+        if not cfg.sharpness > 0:
+            raise UserError(f"trainer.sharpness={cfg.sharpness}: use a number > 0")
 
     def reference_ids(self, batch: dict, start_id: int) -> list[tuple[int, ...]]:
         """The training targets as outputs: decoder start token, then the labels through EOS."""

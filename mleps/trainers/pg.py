@@ -22,7 +22,7 @@ import torch
 from mleps.decoding import generate, to_texts
 from mleps.errors import UserError
 from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
-from mleps.trainers.sequences import distinct_per_source, eos_ids, sample, sequence_log_probs, trim
+from mleps.trainers.sequences import check_sampling_config, distinct_per_source, eos_ids, sample, sequence_log_probs, trim
 
 BASELINES = ("loo", "greedy", "none")
 
@@ -48,11 +48,15 @@ def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.T
 class PolicyGradient(UpdateRule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        if self.cfg.baseline not in BASELINES:
-            raise UserError(f"trainer.baseline={self.cfg.baseline} is not one of: {', '.join(BASELINES)}")
-        if self.cfg.baseline == "loo" and self.cfg.num_samples < 2:
-            raise UserError("trainer.baseline=loo needs trainer.num_samples >= 2")
         self.eos = eos_ids(self.unwrapped)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_sampling_config(cfg)
+        if cfg.baseline not in BASELINES:
+            raise UserError(f"trainer.baseline={cfg.baseline} is not one of: {', '.join(BASELINES)}")
+        if cfg.baseline == "loo" and cfg.num_samples < 2:
+            raise UserError("trainer.baseline=loo needs trainer.num_samples >= 2")
 
     def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.num_samples

@@ -10,6 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from mleps.decoding import generate
+from mleps.errors import UserError
+
+
+def check_sampling_config(cfg) -> None:
+    """The knobs pg and mrt share (SequenceSamplingConfig)."""
+    if cfg.num_samples < 1:
+        raise UserError(f"trainer.num_samples={cfg.num_samples}: use 1 or more")
+    if not cfg.sample_temperature > 0:
+        raise UserError(f"trainer.sample_temperature={cfg.sample_temperature}: use a number > 0")
+    if not cfg.mle_mix >= 0:
+        raise UserError(f"trainer.mle_mix={cfg.mle_mix}: use a number >= 0")
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"trainer.max_new_tokens={cfg.max_new_tokens}: use 1 or more")
 
 
 def eos_ids(model) -> list[int]:

@@ -1,0 +1,120 @@
+"""Every value of a training config checked at once, before anything is written or trained.
+
+Hydra's schemas check types; this checks ranges and choices: numbers that must be positive,
+option names, and each phase's update-rule options (the rule's own `check_config`), so a typo
+in the main phase's options fails at start instead of after the warm start. Data files, the
+model and the metric are loaded (and so checked) by Loop.setup before it touches the run dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from omegaconf import OmegaConf
+
+from mleps.errors import UserError
+from mleps.schedules import SCHEDULES
+from mleps.trainers import rule_class
+
+MIXED_PRECISION = ("no", "bf16")
+
+
+def _at_least(value, low: int, key: str) -> None:
+    if value is not None and value < low:
+        raise UserError(f"{key}={value}: use {low} or more")
+
+
+def _finite(value, key: str, low: float = float("-inf"), strict: bool = False) -> None:
+    ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        bound = "" if low == float("-inf") else f" {'>' if strict else '>='} {low:g}"
+        raise UserError(f"{key}={value}: use a finite number{bound}")
+
+
+WARM_START_KEYS = {"max_steps": "warm_start_steps", "lr": "warm_start_lr", "eval_every": "warm_start_eval_every",
+                   "schedule": "warm_start_schedule", "warmup_steps": "warm_start_warmup_steps",
+                   "label_smoothing": "warm_start_label_smoothing"}  # the warm start's settings (mleps.loop.make_phases)
+
+
+def check_trainer(tcfg, warm_start: bool = False) -> None:
+    """One phase's trainer section (the main trainer, or the warm start's MLE settings)."""
+    def key_of(k: str) -> str:  # the key the user sets
+        return f"trainer.{WARM_START_KEYS.get(k, k) if warm_start else k}"
+
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_every", "log_every", "save_every",
+                "max_bad_steps"):
+        _at_least(tcfg[key], 1, key_of(key))
+    for key in ("max_steps", "warmup_steps", "warm_start_steps"):
+        _at_least(tcfg[key], 0, key_of(key))
+    _at_least(tcfg.patience, 1, key_of("patience"))
+    _finite(tcfg.lr, key_of("lr"), 0.0)
+    _finite(tcfg.weight_decay, key_of("weight_decay"), 0.0)
+    _finite(tcfg.max_grad_norm, key_of("max_grad_norm"), 0.0)
+    if not 0 <= tcfg.label_smoothing < 1:
+        raise UserError(f"{key_of('label_smoothing')}={tcfg.label_smoothing}: use a number in [0, 1)")
+    if len(tcfg.betas) != 2 or not all(0 <= b < 1 for b in tcfg.betas):
+        raise UserError(f"{key_of('betas')}={list(tcfg.betas)}: use two numbers in [0, 1), e.g. [0.9, 0.98]")
+    if tcfg.max_train_s is not None:
+        _finite(tcfg.max_train_s, key_of("max_train_s"), 0.0, strict=True)
+    if tcfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown {key_of('schedule')} '{tcfg.schedule}': use one of {', '.join(SCHEDULES)}")
+    rule_class(tcfg.name).check_config(tcfg)
+
+
+def check_known_keys(cfg, prefix: str = "") -> None:
+    """`+trainer.lrr=0.1` adds a key the schema does not have (Hydra allows it): nothing would read it."""
+    schema = OmegaConf.get_type(cfg)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        if known is not None and key not in known:
+            raise UserError(f"unknown key {prefix}{key}: no such setting (see mleps/config.py); check the spelling")
+        if OmegaConf.is_dict(cfg._get_node(key)):
+            check_known_keys(cfg[key], f"{prefix}{key}.")
+
+
+def validate_train_config(cfg, phases) -> None:
+    """Raise UserError naming the first bad value (and the fix)."""
+    check_known_keys(cfg)
+    main = cfg.trainer
+    check_trainer(main)
+    for phase in phases:
+        if phase.name != "main":
+            check_trainer(phase.trainer, warm_start=True)
+    _at_least(cfg.seed, 0, "seed")
+    if cfg.seed >= 2**32:
+        raise UserError(f"seed={cfg.seed}: use a number below 2**32")
+    d = cfg.decode
+    for key in ("num_beams", "max_new_tokens", "batch_size"):
+        _at_least(d[key], 1, f"decode.{key}")
+    _finite(d.length_penalty, "decode.length_penalty")
+    data = cfg.data
+    for key in ("max_train_examples", "max_eval_examples"):
+        _at_least(data[key], 1, f"data.{key}")
+    for key in ("max_source_length", "max_target_length"):  # room for one token and </s>
+        _at_least(data[key], 2, f"data.{key}")
+    m = cfg.model
+    if m.name == "tiny_marian":
+        for key in ("vocab_size", "d_model", "layers", "heads", "ffn_dim"):
+            _at_least(m[key], 1, f"model.{key}")
+        if m.d_model % m.heads:
+            raise UserError(f"model.heads={m.heads} does not divide model.d_model={m.d_model}: "
+                            f"pick heads that divide it (e.g. {_divisor(m.d_model, m.heads)})")
+        if not 0 <= m.dropout < 1:
+            raise UserError(f"model.dropout={m.dropout}: use a number in [0, 1)")
+    elif m.name == "hf":
+        if not m.name_or_path and not cfg.init_from:
+            raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
+    else:
+        raise UserError(f"unknown model '{m.name}': use model=tiny_marian or model=hf model.name_or_path=NAME")
+    if cfg.mixed_precision == "fp16":
+        # fp16 needs a loss scaler around every rule's backward (MGS writes .grad itself) and in
+        # the checkpoint; bf16 needs neither.
+        raise UserError("mixed_precision=fp16 is not supported (its loss scaler is neither applied by every "
+                        "update rule nor checkpointed): use mixed_precision=bf16 or no")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise UserError(f"unknown mixed_precision '{cfg.mixed_precision}': use one of {', '.join(MIXED_PRECISION)}")
+    _finite(cfg.collective_timeout_s, "collective_timeout_s", 0.0, strict=True)
+
+
+def _divisor(n: int, near: int) -> int:
+    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - near))
