@@ -145,7 +145,8 @@ def collect(repro, commands: dict) -> dict:
     results = {
         "task": task.name, "budget": budget.name, "metric": task.metric, "commit": git_commit(),
         "date": datetime.date.today().isoformat(), "seeds": repro.seeds, "train_s": budget.train_s,
-        "notes": budget.notes, "out": str(repro.out), "decodes": list(repro.decodes()),
+        "notes": budget.notes, "out": str(repro.out),
+        "decodes": [] if task.from_scratch else list(repro.decodes()),
         "calibration": {"steps": budget.calibration_steps, "rounds": budget.calibration_rounds,
                         "step_s": repro.step_seconds(), "arm_steps": repro.arm_steps()},
         "lr_search": {"scores": {f"{k:g}": v for k, v in repro.lr_scores().items()}, "chosen": lr}

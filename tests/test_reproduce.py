@@ -122,3 +122,20 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path, data_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs" / "logs").iterdir()} == logs
     assert json.loads((docs / "results" / "mt.json").read_text())["runs"] == results["runs"]
+
+
+@pytest.mark.slow
+def test_tiny_scratch_curves(tmp_path, data_dir):
+    """From random weights: MLE, PG and MGS at equal time, validation curves, no test stage."""
+    docs = tmp_path / "docs"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "scratch", "--budget", "tiny",
+                           "--out", str(tmp_path / "runs"), "--results-md", str(docs / "scratch.md"),
+                           "--img-dir", str(docs / "img"), "--json", str(docs / "scratch.json"), "--no-progress"],
+                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((docs / "scratch.json").read_text())
+    assert sorted(r["arm"] for r in results["runs"]) == ["mgs", "mle", "pg"]
+    assert all(r["curve"][0][0] == 0 and len(r["curve"]) >= 2 for r in results["runs"])
+    assert not (tmp_path / "runs" / "test").exists() and "init_from" not in json.dumps(results["commands"])
+    assert (docs / "img" / "scratch-equal_time.png").stat().st_size > 10_000
