@@ -332,10 +332,10 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                   f"; chosen lr {ls['chosen']:g}. Nothing was tuned on the test split.", ""]
     if results.get("base"):
         base = results["base"]
-        lines += ["## Base", "", f"Checkpoint `{Path(base['checkpoint']).relative_to(results['out'])}`"
-                  if base["checkpoint"].startswith(results["out"]) else f"Checkpoint `{base['checkpoint']}`",
-                  "" if base["val_best"] is None else
-                  f" (best validation {m} {base['val_best']:.2f}; the run stopped at step {base['steps']}).", ""]
+        where = Path(base["checkpoint"])
+        where = where.relative_to(results["out"]) if base["checkpoint"].startswith(results["out"]) else where
+        lines += ["## Base", "", f"Checkpoint `{where}`" + ("." if base["val_best"] is None else
+                  f" (best validation {m} {base['val_best']:.2f}; the run stopped at step {base['steps']})."), ""]
         lines += [markdown_table(["decode", f"test {m}", "test chrF"],
                                  [[d, f"{base['test'][d]['score']:.2f}", f"{base['test'][d]['chrf']:.2f}"]
                                   for d in decodes]), ""]

@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run folder (default runs/reproduce/<task>)")
     p.add_argument("--seeds", type=int, nargs="+", help="arm seeds (default: the budget's, 0 1 2 for mt)")
     p.add_argument("--base", help="a checkpoint folder to start the arms from (skips the base stage)")
+    p.add_argument("--beams", type=int, nargs="+", help="test decodes' beam sizes (default: the budget's, 1 4)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each when > 1")
     p.add_argument("--results-md", help="default docs/results.md (mt) or docs/results-<task>.md")
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
     out = Path(args.out or f"runs/reproduce/{args.task}")
     md = Path(args.results_md or ROOT / "docs" / ("results.md" if args.task == "mt" else f"results-{args.task}.md"))
     json_path = Path(args.json or ROOT / "docs" / "results" / f"{args.task}.json")
-    repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, jobs=args.jobs,
+    repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
                          progress=not args.no_progress)
     results = repro.run()
     from mleps.reproduce_report import write_report
