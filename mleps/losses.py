@@ -85,7 +85,7 @@ def levenshtein(a, b) -> int:
 
 class EditDistance(TaskLoss):
     """min over references of Levenshtein(hyp, ref) / max(|hyp|, |ref|), in [0, 1]; rapidfuzz computes
-    it (on word lists too), about 10x faster than Python here (see docs/metrics.md)."""
+    it (on word lists too), over 1000x faster than plain Python here (python -m mleps.losses)."""
 
     name = "edit"
 
@@ -320,3 +320,24 @@ def require_sentence_form(loss: TaskLoss, rule: str) -> None:
     if not loss.has_sentence_form:
         raise UserError(f"trainer={rule} needs a per-output (sentence) loss, and metric={loss.name} only has a "
                         f"corpus form: choose another metric.name, or trainer=mgs, which optimises corpus losses")
+
+
+def _benchmark_edit(pairs: int = 320, repeats: int = 5) -> None:
+    """rapidfuzz against the plain Python DP on word lists like the K+1 = 5 decodes of a 64-row batch."""
+    import random
+    import time
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(50)]
+    data = [([rng.choice(words) for _ in range(rng.randint(8, 25))], [rng.choice(words) for _ in range(rng.randint(8, 25))])
+            for _ in range(pairs)]
+    for name, distance in (("python", levenshtein), ("rapidfuzz", Levenshtein.distance)):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for a, b in data:
+                distance(a, b)
+        print(f"{name:9s} {(time.perf_counter() - t0) / repeats * 1e3:8.2f} ms for {pairs} word-level pairs")
+
+
+if __name__ == "__main__":
+    _benchmark_edit()
