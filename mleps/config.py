@@ -45,10 +45,23 @@ class ModelConfig:
 
 @dataclass
 class MetricConfig:
-    name: str = "bleu"  # bleu | chrf | rouge
-    level: str = "corpus"  # corpus: one score pooled over the batch; sentence: mean of sentence scores
+    """The task loss (docs/metrics.md): what MGS/PG/MRT minimise and validation selects on."""
+
+    name: str = "bleu"  # bleu | chrf | rouge | repetition | nontermination | edit | length | lm | custom | composite
+    level: str = "corpus"  # corpus: one loss pooled over the batch; sentence: mean of sentence losses
     rouge_tokenizer: str = "default"  # default | whitespace | char (default drops non-Latin text)
     rouge_key: str = "rougeL"
+    n: int = 4  # repetition: n-gram order of seq-rep-n
+    unit: str = "word"  # edit, length: word | char
+    score_model: Optional[str] = None  # lm: a checkpoint folder; null = a frozen copy of the model at the start
+    fn: Optional[str] = None  # custom: package.module:function, fn(decoded) -> one float per output
+    losses: List[str] = field(default_factory=list)  # composite: the component losses' names
+    weights: List[Any] = field(default_factory=list)  # composite: one number per loss (checked at start)
+
+
+@dataclass
+class EvalConfig:
+    metrics: List[str] = field(default_factory=list)  # secondary validation metrics, e.g. [bleu,chrf,repetition]
 
 
 @dataclass
@@ -151,6 +164,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     trainer: TrainerConfig = MISSING
     metric: MetricConfig = field(default_factory=MetricConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     seed: int = 0
     data_dir: str = "data"
@@ -171,6 +185,7 @@ class EvaluateConfig:
     checkpoint: str = MISSING
     data: DataConfig = MISSING
     metric: MetricConfig = field(default_factory=MetricConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     split: str = "test"
     data_dir: str = "data"

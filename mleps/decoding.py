@@ -1,5 +1,8 @@
-"""Decoding with `generate`: ids for the update rules, texts in dataset order for evaluation."""
+"""Decoding with `generate`: ids for the update rules, texts in dataset order for evaluation,
+and `DecodedBatch`, the one input every task loss (mleps.task_loss) receives."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -24,12 +27,94 @@ def to_texts(tokenizer, ids: torch.Tensor) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)]
 
 
-def translate(model, tokenizer, sources: list[str], decode_cfg, *, source_prefix: str = "",
-              max_source_length: int = 512, progress: bool = False, desc: str = "decode") -> list[str]:
-    """Hypotheses for `sources`, in their order. Sorting by length keeps padding (and time) low."""
+def eos_ids(model) -> list[int]:
+    """The ids that end a generated sequence (a generation config may list several)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+@dataclass
+class DecodedBatch:
+    """Decoded outputs, one row per output, as a task loss sees them.
+
+    texts           detokenised outputs (special tokens dropped), what text metrics score
+    token_ids       the generated tokens, without the decoder start token and without EOS and padding
+    ended_with_eos  False for an output that reached max_new_tokens without EOS (non-terminated);
+                    one that emits EOS as its last allowed token is terminated
+    references      each row's reference texts
+    sources         each row's source text (None when the caller has none)
+    ids             generate's rows as they came (decoder start token first), for model-based losses
+    encoder_inputs  input_ids / attention_mask, row n = the source of output n (model-based losses)
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    ended_with_eos: list[bool]
+    references: list[list[str]]
+    sources: list[str] | None = None
+    ids: torch.Tensor | None = None
+    encoder_inputs: dict | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        """Generated tokens per output (EOS not counted)."""
+        return [len(t) for t in self.token_ids]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, rows) -> "DecodedBatch":
+        """The outputs at `rows` (a list of indices), e.g. the halves of a batch."""
+        rows = list(rows)
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        index = torch.tensor(rows, dtype=torch.long)
+        return DecodedBatch(
+            texts=pick(self.texts), token_ids=pick(self.token_ids), ended_with_eos=pick(self.ended_with_eos),
+            references=pick(self.references), sources=pick(self.sources),
+            ids=None if self.ids is None else self.ids[index.to(self.ids.device)],
+            encoder_inputs=None if self.encoder_inputs is None else
+            {k: v[index.to(v.device)] for k, v in self.encoder_inputs.items()})
+
+
+def decoded_batch(ids: torch.Tensor, tokenizer, eos: list[int], references, *, batch: dict | None = None,
+                  source_index: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> DecodedBatch:
+    """A DecodedBatch from `generate`'s ids (decoder start token first). Built once per decode.
+
+    references  one list of references per row (repeat them for several samples per source)
+    batch       the encoded sources (input_ids, attention_mask, optionally "sources"); row n of
+                `ids` belongs to source `source_index[n]` (default: source n)
+    lengths     row lengths including the start token, for rows padded without EOS (pad_rows)
+    """
+    rows = ids.tolist()
+    limits = lengths.tolist() if lengths is not None else [len(r) for r in rows]
+    eos_set = set(eos)
+    token_ids, ended = [], []
+    for row, limit in zip(rows, limits):
+        generated = row[1:limit]
+        cut = next((i for i, t in enumerate(generated) if t in eos_set), None)
+        ended.append(cut is not None)
+        token_ids.append(generated if cut is None else generated[:cut])
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    if len(refs) != len(rows):
+        raise ValueError(f"got {len(rows)} outputs but {len(refs)} reference lists; they must match")
+    sources, encoder_inputs = None, None
+    if batch is not None:
+        index = source_index if source_index is not None else torch.arange(len(rows), device=ids.device)
+        encoder_inputs = {k: batch[k][index.to(batch[k].device)] for k in ("input_ids", "attention_mask") if k in batch}
+        if batch.get("sources") is not None:
+            sources = [batch["sources"][i] for i in index.tolist()]
+    return DecodedBatch(texts=to_texts(tokenizer, ids), token_ids=token_ids, ended_with_eos=ended, references=refs,
+                        sources=sources, ids=ids, encoder_inputs=encoder_inputs)
+
+
+def decode_sources(model, tokenizer, sources: list[str], decode_cfg, *, references=None, source_prefix: str = "",
+                   max_source_length: int = 512, progress: bool = False, desc: str = "decode"):
+    """Yield (dataset indices, DecodedBatch) batch by batch. Sorting by length keeps padding (and time) low."""
     device = next(model.parameters()).device
+    eos = eos_ids(model)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    hyps: list[str] = [""] * len(sources)
     size = decode_cfg.batch_size
     for start in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
         idx = order[start:start + size]
@@ -37,6 +122,18 @@ def translate(model, tokenizer, sources: list[str], decode_cfg, *, source_prefix
                         truncation=True, max_length=max_source_length).to(device)
         out = generate(model, enc, max_new_tokens=decode_cfg.max_new_tokens, num_beams=decode_cfg.num_beams,
                        length_penalty=decode_cfg.length_penalty)
-        for i, text in zip(idx, to_texts(tokenizer, out)):
+        refs = [references[i] for i in idx] if references is not None else [[] for _ in idx]
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "sources": [sources[i] for i in idx]}
+        yield idx, decoded_batch(out, tokenizer, eos, refs, batch=batch)
+
+
+def translate(model, tokenizer, sources: list[str], decode_cfg, *, source_prefix: str = "",
+              max_source_length: int = 512, progress: bool = False, desc: str = "decode") -> list[str]:
+    """Hypotheses for `sources`, in their order."""
+    hyps: list[str] = [""] * len(sources)
+    for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, source_prefix=source_prefix,
+                                       max_source_length=max_source_length, progress=progress, desc=desc):
+        for i, text in zip(idx, decoded.texts):
             hyps[i] = text
     return hyps

@@ -1,8 +1,14 @@
 """python -m mleps.evaluate checkpoint=PATH [data=NAME] [split=test] [decode.num_beams=4 ...]
 
 Decodes a split with a saved checkpoint, writes the predictions (one per line, dataset order)
-and prints, as its last line, one JSON object: metric, score, n, the metric's own fields
-(for BLEU: bleu and sacrebleu's signature) and the predictions path.
+and prints, as its last line, one JSON object: metric, score, loss, n, the metric's own fields
+(for BLEU: bleu and sacrebleu's signature), one score per `eval.metrics` entry, the references'
+cross_entropy and perplexity, and the predictions path.
+
+A checkpoint written by mleps.train remembers its data, metric and eval.metrics: without `data=`
+(or `metric=`, `eval.metrics=`) on the command line they are the training run's, with any
+`data.*` / `metric.*` overrides applied on top; evaluation sizes (data.max_eval_examples) stay
+evaluate's own.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import logging
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from mleps.config import register_configs
@@ -31,22 +38,46 @@ def default_predictions_name(data_cfg, split: str) -> str:
     return f"predictions-{data_cfg.name}-{split}-{file.stem}-{digest}.txt"
 
 
-def evaluate_checkpoint(cfg) -> dict:
-    from mleps.data import data_path, load_split
-    from mleps.decoding import translate
-    from mleps.metrics_config import metric_from_config
+def adopt_checkpoint_config(cfg, meta: dict, overrides: list[str]) -> None:
+    """The checkpoint's data / metric / eval.metrics where the command line names none (see above)."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    for group in ("data", "metric"):
+        stored = meta.get(f"{group}_config")
+        if stored is None or group in keys:
+            continue
+        if group == "data":  # how much to evaluate is this command's choice, not the training run's
+            stored = dict(stored, max_eval_examples=cfg.data.max_eval_examples)
+        dotted = OmegaConf.from_dotlist([o.lstrip("+") for o, k in zip(overrides, keys) if k.startswith(group + ".")])
+        cfg[group] = OmegaConf.merge(cfg[group], stored, dotted.get(group, {}))
+    if "eval.metrics" not in keys and "eval" not in keys and meta.get("eval_metrics"):
+        cfg.eval.metrics = meta["eval_metrics"]
+
+
+def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
+    """`overrides`: the command line's, to adopt the checkpoint's own config (None: use cfg as it is)."""
+    from mleps.data import Collator, data_path, load_split, tokenize
+    from mleps.loop import decode_and_score, metric_report, reference_cross_entropy
+    from mleps.metrics_config import eval_metrics_from_config, metric_from_config
     from mleps.models import load_checkpoint
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise UserError("no checkpoint given: pass checkpoint=RUN/checkpoints/last (a folder written by mleps.train)")
     torch.manual_seed(cfg.seed)
-    metric = metric_from_config(cfg.metric, level="corpus")
     model, tokenizer, meta = load_checkpoint(cfg.checkpoint)
+    if overrides is not None:
+        adopt_checkpoint_config(cfg, meta, overrides)
+    metrics = [metric_from_config(cfg.metric, level="corpus"), *eval_metrics_from_config(cfg.metric, cfg.eval.metrics)]
+    for m in metrics:  # lm without metric.score_model scores with the evaluated model itself
+        m.bind(model, tokenizer)
+    metric = metrics[0]
     ds = load_split(cfg.data, cfg.split)
     prefix = cfg.source_prefix if cfg.source_prefix is not None else meta.get("source_prefix", "")
-    hyps = translate(model, tokenizer, ds["source"], cfg.decode, source_prefix=prefix,
-                     max_source_length=cfg.data.max_source_length, progress=cfg.progress, desc=f"decode {cfg.split}")
-    result = metric.corpus_score(hyps, ds["references"])
+    hyps, stats = decode_and_score(model, tokenizer, ds["source"], ds["references"], cfg.decode, metrics,
+                                   source_prefix=prefix, max_source_length=cfg.data.max_source_length,
+                                   progress=cfg.progress, desc=f"decode {cfg.split}")
+    cross_entropy = reference_cross_entropy(model, tokenize(ds, tokenizer, cfg.data, prefix), Collator(tokenizer, model),
+                                            cfg.decode.batch_size)
+    result = metric_report(metrics, stats, hyps, ds["references"], *cross_entropy)
     out = data_path(cfg.predictions) if cfg.predictions else \
         data_path(cfg.checkpoint) / default_predictions_name(cfg.data, cfg.split)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +91,7 @@ def evaluate_checkpoint(cfg) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @exit_on_user_error
 def evaluate(cfg) -> None:
-    print(json.dumps(evaluate_checkpoint(cfg)))
+    print(json.dumps(evaluate_checkpoint(cfg, list(HydraConfig.get().overrides.task))))
 
 
 def main() -> None:

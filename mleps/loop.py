@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
@@ -32,15 +33,16 @@ from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
 from mleps.config import MLEConfig
 from mleps.data import BatchStream, Collator, load_split, tokenize
-from mleps.decoding import translate
+from mleps.decoding import decode_sources, decoded_batch, eos_ids
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
-from mleps.metrics_config import metric_from_config
+from mleps.losses import require_sentence_form
+from mleps.metrics_config import eval_metrics_from_config, metric_from_config
 from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
 from mleps import distributed
 from mleps.schedules import build_scheduler
 from mleps.trainers import build_rule
 from mleps.validate import validate_train_config
-from mleps.trainers.base import Shard, label_tokens
+from mleps.trainers.base import Shard, label_tokens, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,50 @@ class Interrupt:
         self.signum = signum
 
 
+def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, **decode_kwargs):
+    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split."""
+    hyps = [""] * len(sources)
+    stats = [np.zeros(m.num_stats) for m in metrics]
+    for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, references=references, **decode_kwargs):
+        for i, text in zip(idx, decoded.texts):
+            hyps[i] = text
+        stats = [total + m.stats(decoded) for total, m in zip(stats, metrics)]
+    return hyps, stats
+
+
+def reference_cross_entropy(model, tokenized, collate, batch_size: int) -> np.ndarray:
+    """[token cross-entropy summed over the references, tokens] of a tokenized split (no dropout)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate(tokenized[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            loss_sum, n = token_cross_entropy(model, batch)
+            total, tokens = total + float(loss_sum), tokens + n
+    model.train(was_training)
+    return np.array([total, float(tokens)])
+
+
+def metric_report(metrics, stats, hyps, references, cross_entropy_sum: float, tokens: float) -> dict:
+    """The primary metric (its library's details for a text metric), its loss, the secondary metrics'
+    scores and the references' cross-entropy / perplexity."""
+    primary = metrics[0]
+    if hasattr(primary, "corpus_score"):  # BLEU's signature, bp, ... from the gathered texts
+        result = primary.corpus_score(hyps, references)
+    else:
+        result = {"score": primary.score_from_stats(stats[0])}
+        if hasattr(primary, "parts"):  # a composite: each component's loss
+            result.update({c.name: x for c, x in zip(primary.components, primary.parts(stats[0]))})
+    result["loss"] = primary.loss_from_stats(stats[0])
+    for m, s in zip(metrics[1:], stats[1:]):
+        result[m.name] = m.score_from_stats(s)
+    cross_entropy = cross_entropy_sum / tokens if tokens else float("nan")
+    result.update(cross_entropy=cross_entropy, perplexity=math.exp(min(cross_entropy, 700)))
+    return result
+
+
 class Loop:
     def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
@@ -162,8 +208,12 @@ class Loop:
         if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
             logging.getLogger("mleps").setLevel(logging.WARNING)
         set_seed(cfg.seed)
+        # Every task loss is built (and checked) before any data, model or training.
         self.metric = metric_from_config(cfg.metric)
         self.eval_metric = metric_from_config(cfg.metric, level="corpus")
+        self.secondary_metrics = eval_metrics_from_config(cfg.metric, cfg.eval.metrics)
+        if cfg.trainer.name in ("pg", "mrt"):
+            require_sentence_form(self.metric, cfg.trainer.name)
 
         train_ds = load_split(cfg.data, "train")
         self.val_ds = load_split(cfg.data, "validation") if cfg.data.validation_file else None
@@ -182,7 +232,10 @@ class Loop:
         self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
         log.info("model: %s, %.1f M parameters", type(model).__name__, num_parameters(model) / 1e6)
         self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
+        self.val_tokenized = (tokenize(self.val_ds, tokenizer, cfg.data, self.source_prefix)
+                              if self.val_ds is not None else None)  # for the references' cross-entropy
         self.collate = Collator(tokenizer, model)
+        self._check_task_losses()  # before the run dir is touched
         # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
         distributed.on_main_then_broadcast(self.accelerator,
                                            lambda: rundir.prepare_run_dir(cfg, self.run_dir, self.resume_from))
@@ -193,6 +246,23 @@ class Loop:
             raise
         self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
                       "bad_steps_in_a_row": 0}
+
+    def _check_task_losses(self) -> None:
+        """Bind model-based losses to the model as it starts, and score two training references
+        with every loss: a custom fn that returns the wrong thing fails here, not at step 1."""
+        probe = self.collate(self.train_ds[:2])
+        labels = probe["labels"]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.cat([probe["decoder_input_ids"][:, :1], labels.masked_fill(labels == -100, pad)], 1)
+        decoded = decoded_batch(ids.to(self.accelerator.device), self.tokenizer, eos_ids(self.model),
+                                probe["references"], batch={k: (v.to(self.accelerator.device) if torch.is_tensor(v)
+                                                                 else v) for k, v in probe.items()})
+        for loss in (self.metric, self.eval_metric, *self.secondary_metrics):
+            loss.bind(self.model, self.tokenizer)
+            value = loss.loss_from_stats(loss.stats(decoded))
+            if not math.isfinite(value):
+                raise UserError(f"metric {loss.name} gives a non-finite loss ({value}) on two training references: "
+                                f"check its options (metric.*)")
 
     def _setup_phase(self, phase: Phase):
         tcfg = phase.trainer
@@ -219,11 +289,20 @@ class Loop:
         t0 = time.perf_counter()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         # Each process decodes every world-th sentence (a shard may be empty); all gather the texts.
-        hyps = translate(model, self.tokenizer, self.val_ds["source"][rank::world], self.cfg.decode,
-                         source_prefix=self.source_prefix, max_source_length=self.cfg.data.max_source_length,
-                         progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
+        # Each process decodes every world-th sentence (a shard may be empty); the task losses'
+        # statistics are summed over processes, the texts gathered for the primary metric's details.
+        metrics = [self.eval_metric, *self.secondary_metrics]
+        hyps, stats = decode_and_score(model, self.tokenizer, self.val_ds["source"][rank::world],
+                                       self.val_ds["references"][rank::world], self.cfg.decode, metrics,
+                                       source_prefix=self.source_prefix,
+                                       max_source_length=self.cfg.data.max_source_length,
+                                       progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
+        shard = self.val_tokenized.select(range(rank, len(self.val_tokenized), world))
+        cross_entropy = reference_cross_entropy(model, shard, self.collate, self.cfg.decode.batch_size)
+        reduced = distributed.sum_array(self.accelerator, np.concatenate([*stats, cross_entropy]))
         hyps = distributed.gather_shards(self.accelerator, hyps, len(self.val_ds))
-        result = self.eval_metric.corpus_score(hyps, self.val_ds["references"])
+        result = metric_report(metrics, np.split(reduced[:-2], np.cumsum([m.num_stats for m in metrics])[:-1]),
+                               hyps, self.val_ds["references"], *reduced[-2:])
         score = result["score"]
         self.logger.write({
             "step": step, "split": "validation", "phase": phase.name, "metric": self.eval_metric.name,
@@ -231,9 +310,10 @@ class Loop:
             "n": len(hyps), "decode_s": time.perf_counter() - t0,
             "elapsed_s": self._elapsed(), "train_s": self.state["train_s"],
         })
-        log.info("step %d validation %s %.2f", step, self.eval_metric.name, score)
+        log.info("step %d validation %s %.4g", step, self.eval_metric.name, score)
         self.state["last_eval_step"], self.state["last_score"] = step, score
-        if self.state["best_score"] is None or score > self.state["best_score"]:
+        best = self.state["best_score"]
+        if best is None or (score > best if self.eval_metric.higher_is_better else score < best):
             self.state["best_score"] = score
             self.state["best_step"] = step
             self.state["evals_without_improvement"] = 0
@@ -250,6 +330,10 @@ class Loop:
     def meta(self) -> dict:
         return {"source_prefix": self.source_prefix, "data": self.cfg.data.name, "trainer": self.cfg.trainer.name,
                 "step": self.state["step"], "metric": self.eval_metric.name, "best_score": self.state["best_score"],
+                # mleps.evaluate reads these back, so a checkpoint needs no repeated data/metric overrides
+                "data_config": OmegaConf.to_container(self.cfg.data, resolve=True),
+                "metric_config": OmegaConf.to_container(self.cfg.metric, resolve=True),
+                "eval_metrics": list(self.cfg.eval.metrics),
                 "frozen_parameters": [n for n, p in self.model.named_parameters() if not p.requires_grad]}
 
     def save(self, name: str, optimizer=None, scheduler=None) -> None:

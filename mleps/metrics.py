@@ -1,5 +1,8 @@
 """Task metrics the trainers optimise: BLEU and chrF (sacrebleu), ROUGE (rouge-score).
 
+Each is a task loss (mleps.task_loss): `stats(decoded)` on a DecodedBatch scores its texts,
+and the loss is 1 - score/100. The text interface below stays for direct use.
+
 Every metric takes ``hyps: list[str]`` and ``refs: list[list[str]]`` (``refs[i]``
 holds the references of ``hyps[i]``; counts may differ between examples) and
 scores on a 0..100 scale. ``stats`` returns additive sufficient statistics:
@@ -24,8 +27,9 @@ from rouge_score import rouge_scorer
 from rouge_score import tokenizers as rouge_tokenizers
 from sacrebleu.metrics import BLEU, CHRF
 
+from mleps.task_loss import LEVELS, TaskLoss
+
 METRIC_NAMES = ("bleu", "chrf", "rouge")
-LEVELS = ("corpus", "sentence")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_TOKENIZERS = ("default", "whitespace", "char")
 
@@ -64,15 +68,11 @@ def _ref_streams(refs: list[list[str]]) -> list[list[str | None]]:
 # --------------------------------------------------------------------------- base class
 
 
-class Metric:
+class Metric(TaskLoss):
     """Common interface; subclasses implement the ``_``-prefixed corpus/sentence hooks."""
 
     name: str = ""
-
-    def __init__(self, level: str = "corpus"):
-        if level not in LEVELS:
-            raise ValueError(f"unknown metric level {level!r}; choose one of: {', '.join(LEVELS)}")
-        self.level = level
+    higher_is_better = True  # score_from_stats is the metric's 0..100 score
 
     # Hooks on prepared input (see _prepare).
     def _corpus_stats(self, hyps: list[str], refs: list[list[str]]) -> np.ndarray:
@@ -96,8 +96,11 @@ class Metric:
         """One smoothed 0..100 score per hypothesis."""
         return self._sentence_scores(*_prepare(hyps, refs))
 
-    def stats(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
-        """Additive sufficient statistics of ``score`` at this metric's level."""
+    def stats(self, hyps, refs: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Additive sufficient statistics of ``score`` at this metric's level, of ``(hyps, refs)``
+        or of a DecodedBatch (the task-loss contract: its texts against its references)."""
+        if refs is None and hasattr(hyps, "texts"):
+            hyps, refs = hyps.texts, hyps.references
         hyps, refs = _prepare(hyps, refs)
         if self.level == "sentence":
             scores = self._sentence_scores(hyps, refs)
@@ -124,11 +127,45 @@ class Metric:
         # Clip: exp-of-mean-log BLEU can land a rounding error above 100.
         return min(1.0, max(0.0, 1.0 - self.score_from_stats(stats) / 100.0))
 
+    # The task-loss contract (mleps.task_loss).
+    loss_from_stats = task_loss_from_stats
+
+    def sentence_losses(self, decoded) -> list[float]:
+        return [min(1.0, max(0.0, 1.0 - s / 100.0)) for s in self.sentence_scores(decoded.texts, decoded.references)]
+
+    @property
+    def num_stats(self) -> int:
+        return 2 if self.level == "sentence" else self._n_stats
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r})"
 
 
 # --------------------------------------------------------------------------- sacrebleu metrics
+
+
+class SacrebleuPrivate:
+    """The only calls into sacrebleu's private API: per-segment statistics, and chrF's reduction
+    (BLEU's uses the public ``BLEU.compute_bleu``). tests/test_metrics.py pins both against
+    sacrebleu's public functions, so an upstream change fails there first."""
+
+    @staticmethod
+    def segment_stats(obj, hyps: list[str], ref_streams: list[list[str | None]]) -> list[list[int]]:
+        return obj._extract_corpus_statistics(hyps, ref_streams)
+
+    @staticmethod
+    def score_from_stats(obj, stats: list):
+        return obj._compute_score_from_stats(stats)
+
+
+def _sacre_score_from_stats(obj, stats: list):
+    """A sacrebleu Score object from summed segment statistics."""
+    if isinstance(obj, BLEU):
+        order = obj.max_ngram_order
+        return BLEU.compute_bleu(correct=stats[2:2 + order], total=stats[2 + order:], sys_len=int(stats[0]),
+                                 ref_len=int(stats[1]), smooth_method=obj.smooth_method, smooth_value=obj.smooth_value,
+                                 effective_order=obj.effective_order, max_ngram_order=order)
+    return SacrebleuPrivate.score_from_stats(obj, stats)
 
 
 class _SacreMetric(Metric):
@@ -144,23 +181,23 @@ class _SacreMetric(Metric):
         if not hyps:
             obj.num_refs = 0  # so get_signature() works on an empty corpus
             return np.zeros((0, self._n_stats), dtype=np.int64)
-        return np.asarray(obj._extract_corpus_statistics(hyps, _ref_streams(refs)), dtype=np.int64)
+        return np.asarray(SacrebleuPrivate.segment_stats(obj, hyps, _ref_streams(refs)), dtype=np.int64)
 
     def _corpus_stats(self, hyps, refs):
         return self._segment_stats(self._corpus_obj, hyps, refs).sum(axis=0)
 
     def _corpus_from_stats(self, stats):
-        return float(self._corpus_obj._compute_score_from_stats(stats.tolist()).score)
+        return float(_sacre_score_from_stats(self._corpus_obj, stats.astype(np.int64).tolist()).score)
 
     def _sentence_scores(self, hyps, refs):
         # Same numbers as sacrebleu.sentence_*: each row is that segment's statistics.
         seg = self._segment_stats(self._sentence_obj, hyps, refs)
-        return [float(self._sentence_obj._compute_score_from_stats(row.tolist()).score) for row in seg]
+        return [float(_sacre_score_from_stats(self._sentence_obj, row.tolist()).score) for row in seg]
 
     def _sacre_score(self, hyps, refs):
         """(sacrebleu Score object, signature string) for the corpus."""
         total = self._corpus_stats(hyps, refs)
-        return self._corpus_obj._compute_score_from_stats(total.tolist()), str(self._corpus_obj.get_signature())
+        return _sacre_score_from_stats(self._corpus_obj, total.tolist()), str(self._corpus_obj.get_signature())
 
 
 class BleuMetric(_SacreMetric):
@@ -274,6 +311,7 @@ class RougeMetric(Metric):
     the corpus score is the mean of sentence scores of ``rouge_key``."""
 
     name = "rouge"
+    _n_stats = 2  # [sum of F1, count]
 
     def __init__(self, level: str = "corpus", tokenizer=None, rouge_key: str = "rougeL", use_stemmer: bool = True):
         super().__init__(level)

@@ -4,6 +4,7 @@
     python scripts/bench_step.py                 # tiny_marian and the 6-layer 512-wide Marian
     python scripts/bench_step.py --large         # only the large one
     python scripts/bench_step.py --quick --tiny-test   # seconds: a smoke run on a toy model
+    python scripts/bench_step.py --task-losses   # each task loss's scoring share of an MGS step (tiny, batch 64)
 
 What is measured (per model, on Multi30k de->en batches of --batch-size, default 64):
   mle          the MLE step (token cross-entropy, backward, AdamW)
@@ -444,6 +445,70 @@ def profile_mgs(size, args, shared, device, out_dir: Path | None) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+TASK_LOSSES = {  # name: build_task_loss options (the conf/metric/*.yaml defaults)
+    "bleu": {}, "chrf": {}, "rouge": {}, "repetition": {}, "nontermination": {}, "edit": {}, "length": {}, "lm": {},
+    "composite": {"losses": ["repetition", "nontermination", "lm"], "weights": [1.0, 1.0, 0.1]},
+}
+
+
+def task_loss_shares(args, shared, device, log) -> dict:
+    """Each task loss's scoring time (every `_score` call: K+1 decoded batches) as a share of the MGS
+    step (conf/trainer/mgs.yaml, K = --num-samples) on the tiny model; medians over --rounds."""
+    from accelerate import Accelerator
+
+    from mleps.losses import build_task_loss
+    from mleps.trainers import build_rule
+
+    tokenizer, train_ds, collate, _ = shared
+    model = warm_model("toy" if args.tiny_test else "tiny", args, tokenizer, train_ds, collate, device, log)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(99)
+    order = torch.randperm(len(train_ds), generator=g).tolist()
+    batches = [to_device(collate(train_ds[order[i * args.batch_size:(i + 1) * args.batch_size]]), device)
+               for i in range(args.rounds + 1)]
+    cfg = trainer_cfg("mgs", num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
+    rows = {}
+    for name, options in TASK_LOSSES.items():
+        loss = build_task_loss(name, "corpus", **options)
+        loss.bind(model, tokenizer)
+        rule = build_rule("mgs", cfg=cfg, model=model, tokenizer=tokenizer, metric=loss,
+                          accelerator=Accelerator(cpu=device.type == "cpu"), seed=0)
+        rule.optimizer = optimizer
+        score_s = [0.0]
+        inner = rule._score
+
+        def timed_score(ids, batch, inner=inner, score_s=score_s):
+            t0 = time.perf_counter()
+            out = inner(ids, batch)
+            score_s[0] += time.perf_counter() - t0
+            return out
+
+        rule._score = timed_score
+        steps, scores = [], []
+        for r, batch in enumerate(batches):  # the first is a warm-up (caches, lazy initialisation)
+            with torch.no_grad():
+                for p, s0 in zip(model.parameters(), snapshot):
+                    p.copy_(s0)
+            optimizer.zero_grad(set_to_none=True)
+            score_s[0] = 0.0
+            t0 = time.perf_counter()
+            rule.step(batch, r)
+            rule.apply(optimizer)
+            if r:
+                steps.append(time.perf_counter() - t0)
+                scores.append(score_s[0])
+        step, score = statistics.median(steps), statistics.median(scores)
+        rows[name] = {"step_s": step, "score_s": score, "share": score / step}
+        log(f"[task losses] {name}: step {step:.2f} s, scoring {score * 1e3:.0f} ms")
+    print(f"\nTask-loss scoring in one MGS step (K={args.num_samples}, batch {args.batch_size}, {args.rounds} rounds, "
+          f"load {os.getloadavg()[0]:.1f}):")
+    print(f"{'loss':<16}{'step s':>8}{'score ms':>10}{'share':>8}")
+    for name, row in rows.items():
+        print(f"{name:<16}{row['step_s']:>8.2f}{row['score_s'] * 1e3:>10.0f}{row['share']:>8.1%}")
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -462,6 +527,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true", help="also profile the MGS step (cProfile + torch.profiler)")
     p.add_argument("--profile-dir", default=None, help="write the cProfile dump here")
     p.add_argument("--json-out", default=None, help="also write the full results here")
+    p.add_argument("--task-losses", action="store_true",
+                   help="only each task loss's scoring share of an MGS step (tiny model, --batch-size)")
     args = p.parse_args(argv)
     args.batch_size_default = "--batch-size" not in (argv if argv is not None else sys.argv)
     if args.tiny_test:
@@ -506,6 +573,15 @@ def main(argv=None) -> dict:
     metric = build_metric("bleu", "corpus")  # conf/metric/bleu.yaml; pg/mrt use its sentence scores
     log(f"setup {time.perf_counter() - t_start:.1f} s: {len(train_ds)} pairs, vocab {len(tokenizer)}, "
         f"device {device}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+
+    if args.task_losses:
+        from mleps.models import tiny_marian
+        collate = Collator(tokenizer, tiny_marian(OmegaConf.merge(model_cfg(sizes[0]), TOY, {"vocab_size": vocab}),
+                                                  tokenizer))
+        rows = task_loss_shares(args, (tokenizer, train_ds, collate, metric), device, log)
+        print(json.dumps({"task_loss_shares": rows, "batch_size": args.batch_size, "rounds": args.rounds,
+                          "loadavg": os.getloadavg()}, default=float), flush=True)
+        return rows
 
     results = []
     for size in sizes:

@@ -53,6 +53,8 @@ SCENARIOS = {  # name: (trainer, extra overrides, injection)
     "mrt": ("mrt", [], None),
     "mgs": ("mgs", [], None),
     "mgs_population": ("mgs", ["trainer.parallel=population"], None),
+    # a new task loss: its statistics are all-reduced in the step and at validation, with secondary metrics
+    "mgs_repetition": ("mgs", ["metric=repetition", "metric.n=2", "eval.metrics=[nontermination,length,bleu]"], None),
     "mle_no_dropout": ("mle", ["model.dropout=0.0"], None),
     "mgs_no_dropout": ("mgs", ["model.dropout=0.0"], None),
     "diverge": ("mle", [], "diverge"),
@@ -100,7 +102,7 @@ def assert_ok(out, name):
         assert r["ok"], r
 
 
-@pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population"])
+@pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population", "mgs_repetition"])
 def test_two_processes_equal_one_process_with_accumulation_bit_for_bit(two_processes, tmp_path, data_dir, name):
     assert_ok(two_processes, name)
     rank0, rank1 = params(two_processes, name, 0), params(two_processes, name, 1)
@@ -115,6 +117,11 @@ def test_two_processes_equal_one_process_with_accumulation_bit_for_bit(two_proce
     ours = [e["score"] for e in read_jsonl(two_processes / name / "metrics.jsonl") if e["split"] == "validation"]
     theirs = [e["score"] for e in read_jsonl(tmp_path / name / "metrics.jsonl") if e["split"] == "validation"]
     assert len(ours) >= 2 and ours == pytest.approx(theirs, abs=1e-9)
+    if name == "mgs_repetition":  # the secondary metrics and the references' cross-entropy too
+        for key in ("loss", "nontermination", "length", "bleu", "cross_entropy"):
+            ours = [e[key] for e in read_jsonl(two_processes / name / "metrics.jsonl") if e["split"] == "validation"]
+            theirs = [e[key] for e in read_jsonl(tmp_path / name / "metrics.jsonl") if e["split"] == "validation"]
+            assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-9), key
 
 
 def params_at_init(tmp_path, data_dir, name):

@@ -21,6 +21,7 @@ import mleps.trainers.pg as pg
 from mleps.config import PGConfig
 from mleps.data import Collator
 from mleps.decoding import generate, to_texts
+from mleps.metrics import Metric
 from mleps.models import tiny_marian
 
 PAD, EOS = 0, 2  # the decoder start token is PAD, as in Marian
@@ -49,7 +50,7 @@ def make_batch(tokenizer, model, sources=SOURCES, targets=TARGETS) -> dict:
     return Collator(tokenizer, model)(rows)
 
 
-class WordMetric:
+class WordMetric(Metric):
     """Sentence score: 100 × the share of a hypothesis's words that are `word` (or a fixed table)."""
 
     def __init__(self, word="w7"):
@@ -61,7 +62,7 @@ class WordMetric:
         return [100.0 * h.split().count(self.word) / max(len(h.split()), 1) for h in hyps]
 
 
-class LengthMetric:
+class LengthMetric(Metric):
     """Distinct rewards for the fixed samples below: 100 / (1 + words), plus 10 if w5 is in it."""
 
     def sentence_scores(self, hyps, refs):

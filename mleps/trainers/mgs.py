@@ -1,8 +1,8 @@
 """MLE-guided parameter search (Welleck & Cho, AAAI 2021) as an update rule.
 
 Per step, on one batch:
-  C(θ)      task_loss of the batch decoded with θ: 1 - metric/100, pooled over the batch
-            (metric.level=corpus) or the mean of sentence scores (level=sentence)
+  C(θ)      the task loss (mleps.task_loss) of the batch decoded with θ, e.g. 1 - BLEU/100, pooled
+            over the batch (metric.level=corpus) or the mean of sentence losses (level=sentence)
   g         guide: the token cross-entropy gradient, clipped to trainer.guide_max_norm
   Δ_k       K perturbations from mleps.search: a mixture of N(0, σ²) and N(μ, σ²)
   C(θ+Δ_k)  decode the batch with each perturbed model and score it
@@ -41,7 +41,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from mleps import distributed
-from mleps.decoding import generate, to_texts
+from mleps.decoding import decoded_batch, eos_ids, generate
 from mleps.errors import UserError
 from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
                           importance_weights, write_update_)
@@ -70,6 +70,7 @@ class MGS(UpdateRule):
             raise UserError("trainer=mgs perturbs whole parameters in place: run it with DDP "
                             "(conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
         self.optimizer = None  # set by the loop
+        self.eos = eos_ids(self.unwrapped)
         self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
 
     @classmethod
@@ -102,7 +103,7 @@ class MGS(UpdateRule):
 
     def _score(self, ids: torch.Tensor, batch: dict) -> np.ndarray:
         """The task loss's additive statistics of decoded `ids` against the batch's references."""
-        return self.metric.stats(to_texts(self.tokenizer, ids), batch["references"])
+        return self.metric.stats(decoded_batch(ids, self.tokenizer, self.eos, batch["references"], batch=batch))
 
     def _task_stats(self, model, batch: dict, seed: int) -> tuple[np.ndarray, float]:
         """(the task loss's additive statistics, decode seconds) for the batch decoded by `model`."""
@@ -213,8 +214,8 @@ class MGS(UpdateRule):
             sample_stats = rest[:sample_stats.size].reshape(sample_stats.shape)
             if population:
                 perturbation_stats = rest[sample_stats.size:].reshape(perturbation_stats.shape)
-        base_loss = self.metric.task_loss_from_stats(base_stats)
-        losses = [self.metric.task_loss_from_stats(row) for row in sample_stats]
+        base_loss = self.metric.loss_from_stats(base_stats)
+        losses = [self.metric.loss_from_stats(row) for row in sample_stats]
         stats = [PerturbationStats(*row.tolist()) for row in perturbation_stats]
         log_weights, info = importance_weights(self.search, samples, losses, base_loss, stats)
         times["score_s"] = time.perf_counter() - t0

@@ -4,7 +4,8 @@ Per step, on one batch of B sources:
   S(x)     trainer.num_samples ancestral samples, deduplicated by token ids, plus the
            reference when trainer.include_reference (unless a sample already equals it)
   q(y|x)   p_θ(y|x)^α / Σ_{y' in S(x)} p_θ(y'|x)^α    α = trainer.sharpness
-  risk     mean over sources of Σ_{y in S(x)} q(y|x)·(1 - metric(y, refs)/100)
+  risk     mean over sources of Σ_{y in S(x)} q(y|x)·cost(y), cost = the sentence task loss
+           (for a metric: 1 - metric(y, refs)/100)
   loss     risk + trainer.mle_mix · cross-entropy
 
 The gradient flows through q only (the costs are constants): it moves probability mass
@@ -17,8 +18,9 @@ import time
 
 import torch
 
-from mleps.decoding import to_texts
+from mleps.decoding import decoded_batch
 from mleps.errors import UserError
+from mleps.losses import require_sentence_form
 from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
 from mleps.trainers.sequences import check_sampling_config, distinct_per_source, eos_ids, pad_rows, sample, sequence_log_probs, trim
 
@@ -49,6 +51,7 @@ def expected_risk(log_probs: torch.Tensor, costs: torch.Tensor, set_sizes: list[
 class MinimumRiskTraining(UpdateRule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        require_sentence_form(self.metric, "mrt")
         self.eos = eos_ids(self.unwrapped)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos[0]
@@ -82,8 +85,9 @@ class MinimumRiskTraining(UpdateRule):
 
         # -- costs: constants of the loss
         t0 = time.perf_counter()
-        scores = self.metric.sentence_scores(to_texts(self.tokenizer, candidates), [refs[i] for i, _ in owned])
-        costs = 1 - torch.tensor(scores, dtype=torch.float32, device=ids.device) / 100
+        decoded = decoded_batch(candidates, self.tokenizer, self.eos, [refs[i] for i, _ in owned], batch=batch,
+                                source_index=source_index, lengths=lengths)
+        costs = torch.tensor(self.metric.sentence_losses(decoded), dtype=torch.float32, device=ids.device)
         score_s = time.perf_counter() - t0
 
         # -- risk and its gradient

@@ -3,7 +3,7 @@ form of Ranzato et al. (2016) and Rennie et al. (2017).
 
 Per step, on one batch of B sources:
   y_1..y_K ~ p_θ(·|x)   ancestral sampling (trainer.sample_temperature; no top-k/top-p)
-  r_k                   metric(y_k, refs) / 100
+  r_k                   1 - sentence task loss of y_k (for a metric: metric(y_k, refs) / 100)
   b_k                   trainer.baseline: loo   mean reward of the other K-1 samples of x
                                           greedy  reward of the greedy output (self-critical)
                                           none    0
@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from mleps.decoding import generate, to_texts
+from mleps.decoding import decoded_batch, generate
 from mleps.errors import UserError
+from mleps.losses import require_sentence_form
 from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
 from mleps.trainers.sequences import check_sampling_config, distinct_per_source, eos_ids, sample, sequence_log_probs, trim
 
@@ -48,6 +49,7 @@ def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.T
 class PolicyGradient(UpdateRule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        require_sentence_form(self.metric, "pg")
         self.eos = eos_ids(self.unwrapped)
 
     @classmethod
@@ -58,6 +60,14 @@ class PolicyGradient(UpdateRule):
         if cfg.baseline == "loo" and cfg.num_samples < 2:
             raise UserError("trainer.baseline=loo needs trainer.num_samples >= 2")
 
+    def rewards(self, ids: torch.Tensor, batch: dict, per_source: int) -> torch.Tensor:
+        """1 - each output's sentence task loss; row n of `ids` is an output for source n // per_source."""
+        source_index = torch.arange(len(batch["references"]), device=ids.device).repeat_interleave(per_source)
+        refs = [batch["references"][i] for i in source_index.tolist()]
+        losses = self.metric.sentence_losses(decoded_batch(ids, self.tokenizer, self.eos, refs, batch=batch,
+                                                           source_index=source_index))
+        return 1 - torch.tensor(losses, dtype=torch.float32, device=ids.device)
+
     def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.num_samples
         refs = batch["references"]
@@ -67,20 +77,17 @@ class PolicyGradient(UpdateRule):
         t0 = time.perf_counter()
         ids = sample(self.unwrapped, batch, num_samples=k, temperature=cfg.sample_temperature,
                      max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step, shard.index))
-        hyps = to_texts(self.tokenizer, ids)
         if cfg.baseline == "greedy":
-            greedy = to_texts(self.tokenizer, generate(self.unwrapped, batch, max_new_tokens=cfg.max_new_tokens))
+            greedy = generate(self.unwrapped, batch, max_new_tokens=cfg.max_new_tokens)
         sample_s = time.perf_counter() - t0
 
         # -- rewards, baseline, advantages: constants of the loss
         t0 = time.perf_counter()
-        scores = self.metric.sentence_scores(hyps, [r for r in refs for _ in range(k)])
-        rewards = torch.tensor(scores, dtype=torch.float32, device=ids.device).view(num_sources, k) / 100
+        rewards = self.rewards(ids, batch, k).view(num_sources, k)
         if cfg.baseline == "loo":
             baseline = leave_one_out(rewards)
         elif cfg.baseline == "greedy":
-            greedy_scores = torch.tensor(self.metric.sentence_scores(greedy, refs), device=ids.device)
-            baseline = (greedy_scores.float() / 100).unsqueeze(1).expand(-1, k)
+            baseline = self.rewards(greedy, batch, 1).unsqueeze(1).expand(-1, k)
         else:
             baseline = torch.zeros_like(rewards)
         advantages = rewards - baseline

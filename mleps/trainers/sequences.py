@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mleps.decoding import generate
+from mleps.decoding import eos_ids, generate  # noqa: F401  (eos_ids: imported from here by the rules)
 from mleps.errors import UserError
 
 
@@ -23,14 +23,6 @@ def check_sampling_config(cfg) -> None:
         raise UserError(f"trainer.mle_mix={cfg.mle_mix}: use a number >= 0")
     if cfg.max_new_tokens < 1:
         raise UserError(f"trainer.max_new_tokens={cfg.max_new_tokens}: use 1 or more")
-
-
-def eos_ids(model) -> list[int]:
-    """The ids that end a generated sequence (a generation config may list several)."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def sample(model, batch: dict, *, num_samples: int, temperature: float, max_new_tokens: int,
