@@ -53,6 +53,7 @@ SCENARIOS = {  # name: (trainer, extra overrides, injection)
     "mrt": ("mrt", [], None),
     "mgs": ("mgs", [], None),
     "mgs_population": ("mgs", ["trainer.parallel=population"], None),
+    "mgs_population_batched": ("mgs", ["trainer.parallel=population", "trainer.decode_population=batched"], None),
     "mle_no_dropout": ("mle", ["model.dropout=0.0"], None),
     "mgs_no_dropout": ("mgs", ["model.dropout=0.0"], None),
     "diverge": ("mle", [], "diverge"),
@@ -100,7 +101,7 @@ def assert_ok(out, name):
         assert r["ok"], r
 
 
-@pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population"])
+@pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population", "mgs_population_batched"])
 def test_two_processes_equal_one_process_with_accumulation_bit_for_bit(two_processes, tmp_path, data_dir, name):
     assert_ok(two_processes, name)
     rank0, rank1 = params(two_processes, name, 0), params(two_processes, name, 1)
