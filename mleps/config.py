@@ -127,6 +127,7 @@ class MGSConfig(TrainerConfig):
     max_new_tokens: int = 64
     perturb: str = "inplace"  # inplace | copy (deep copy per sample, the original code's way)
     parallel: str = "data"  # several processes: data (each decodes its shard) | population (each its samples)
+    decode_population: str = "sequential"  # sequential: one generate per parameter set | batched: one for all
     apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
     sgd_scale: float = 1.0
 

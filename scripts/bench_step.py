@@ -5,6 +5,7 @@
     python scripts/bench_step.py --large         # only the large one
     python scripts/bench_step.py --quick --tiny-test   # seconds: a smoke run on a toy model
     python scripts/bench_step.py --task-losses   # each task loss's scoring share of an MGS step (tiny, batch 64)
+    python scripts/bench_step.py --population --tiny   # batched vs sequential population decoding, K = 4, 16
 
 What is measured (per model, on Multi30k de->en batches of --batch-size, default 64):
   mle          the MLE step (token cross-entropy, backward, AdamW)
@@ -30,6 +31,12 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs after malloc_trim) o
 "step" is the peak minus what was resident just before the step.
 
 The last line of output is one JSON object with the ratios (see RATIO_KEYS).
+
+--population measures only trainer.decode_population (mleps.population), per model and K in
+--population-k (default 4 16): the K+1 greedy decodes of the batch, sequential (K+1 `generate`
+calls, the parameters set to each group in turn) against batched (one call of (K+1)·B rows), and
+the MGS step with decode_population=sequential against batched. Rounds alternate the two in a
+rotating order; the JSON line holds batched / sequential ratios (< 1: batched is faster).
 """
 from __future__ import annotations
 
@@ -443,6 +450,96 @@ def profile_mgs(size, args, shared, device, out_dir: Path | None) -> None:
         prof.dump_stats(str(out_dir / f"mgs_{size}.prof"))
 
 
+# ----------------------------------------------------------------------------- population decoding
+
+def measure_population(size: str, args, shared, device, log) -> dict:
+    """Batched / sequential time of the K+1 decodes and of the MGS step, for each K."""
+    from accelerate import Accelerator
+
+    from mleps import population
+    from mleps.decoding import generate
+    from mleps.search import SearchConfig, apply_perturbation_, draw_samples
+    from mleps.trainers import build_rule
+
+    tokenizer, train_ds, collate, metric = shared
+    model = warm_model(size, args, tokenizer, train_ds, collate, device, log)
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(98)
+    order = torch.randperm(len(train_ds), generator=g).tolist()
+    batches = [to_device(collate(train_ds[order[i * args.batch_size:(i + 1) * args.batch_size]]), device)
+               for i in range(args.rounds + 1)]
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    result = {"size": size, "batch_size": args.batch_size, "rounds": args.rounds, "k": {}}
+    for k in args.population_k:
+        # K perturbed parameter sets; a small σ, so that they decode about as long as θ does
+        search = SearchConfig(num_samples=k, noise_mode="constant", noise_scale=1e-3, proposal="zero")
+        stacks = population.stack_parameters(params, k + 1)
+        for group, sample in enumerate(draw_samples(search, torch.Generator().manual_seed(k)), start=1):
+            apply_perturbation_([s[group] for s in stacks], None, search, sample)
+        rules = {mode: build_rule("mgs", cfg=trainer_cfg("mgs", num_samples=k, max_new_tokens=args.max_new_tokens,
+                                                         decode_population=mode),
+                                  model=model, tokenizer=tokenizer, metric=metric, accelerator=accelerator, seed=0)
+                 for mode in ("sequential", "batched")}
+        for rule in rules.values():
+            rule.optimizer = optimizer
+
+        def restore():
+            with torch.no_grad():
+                torch._foreach_copy_(params, theta)
+            optimizer.zero_grad(set_to_none=True)
+            model.train()
+
+        def decode_sequential(batch):
+            for group in range(k + 1):
+                with torch.no_grad():
+                    torch._foreach_copy_(params, [s[group] for s in stacks])
+                generate(model, batch, max_new_tokens=args.max_new_tokens)
+
+        def decode_batched(batch):
+            with population.population(model, dict(zip(params, stacks))):
+                population.decode(model, batch, k + 1, max_new_tokens=args.max_new_tokens)
+
+        def step(mode):
+            return lambda batch: (rules[mode].step(batch, 1), rules[mode].apply(optimizer))
+
+        variants = {"decode_sequential": decode_sequential, "decode_batched": decode_batched,
+                    "step_sequential": step("sequential"), "step_batched": step("batched")}
+        times = {v: [] for v in variants}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            names = list(variants)
+            names = names[r % len(names):] + names[:r % len(names)]
+            for name in names:
+                restore()
+                sync()
+                t0 = time.perf_counter()
+                variants[name](batches[r])
+                sync()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+            if r:
+                log(f"[{size}] K={k} round {r}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants))
+        restore()
+        med = {v: statistics.median(t) for v, t in times.items()}
+        result["k"][k] = {**{v + "_s": m for v, m in med.items()},
+                          "decode_batched_over_sequential": med["decode_batched"] / med["decode_sequential"],
+                          "step_batched_over_sequential": med["step_batched"] / med["step_sequential"]}
+        del stacks
+    return result
+
+
+def print_population(result: dict, device) -> None:
+    print(f"\n== {result['size']}: population decoding on {device}, batch {result['batch_size']}, "
+          f"medians of {result['rounds']} rounds ==")
+    print(f"{'K':>3} {'decode seq s':>13} {'decode bat s':>13} {'bat/seq':>8} {'step seq s':>11} {'step bat s':>11} "
+          f"{'bat/seq':>8}")
+    for k, r in result["k"].items():
+        print(f"{k:>3} {r['decode_sequential_s']:>13.3f} {r['decode_batched_s']:>13.3f} "
+              f"{r['decode_batched_over_sequential']:>8.3f} {r['step_sequential_s']:>11.3f} "
+              f"{r['step_batched_s']:>11.3f} {r['step_batched_over_sequential']:>8.3f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 TASK_LOSSES = {  # name: build_task_loss options (the conf/metric/*.yaml defaults)
@@ -529,6 +626,9 @@ def main(argv=None) -> dict:
     p.add_argument("--json-out", default=None, help="also write the full results here")
     p.add_argument("--task-losses", action="store_true",
                    help="only each task loss's scoring share of an MGS step (tiny model, --batch-size)")
+    p.add_argument("--population", action="store_true",
+                   help="only time trainer.decode_population=batched against sequential (decode and MGS step)")
+    p.add_argument("--population-k", type=int, nargs="+", default=[4, 16], help="K values for --population")
     args = p.parse_args(argv)
     args.batch_size_default = "--batch-size" not in (argv if argv is not None else sys.argv)
     if args.tiny_test:
@@ -590,6 +690,10 @@ def main(argv=None) -> dict:
         from mleps.models import tiny_marian
         collate = Collator(tokenizer, tiny_marian(OmegaConf.merge(model_cfg(size), TOY, {"vocab_size": vocab}), tokenizer))
         shared = (tokenizer, train_ds, collate, metric)
+        if args.population:
+            results.append(measure_population(size, args, shared, device, log))
+            print_population(results[-1], device)
+            continue
         result = measure(size, args, shared, device, log)
         results.append(result)
         print_table(result, device)
@@ -601,7 +705,8 @@ def main(argv=None) -> dict:
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     summary = {}
     for result in results:
-        rat = ratios(result)
+        rat = ratios(result) if "rows" in result else {
+            f"k{k}_{key}": value for k, r in result["k"].items() for key, value in r.items() if "_over_" in key}
         prefix = "" if result is results[0] else result["size"] + "_"
         for key, value in rat.items():
             summary[prefix + key] = value

@@ -29,3 +29,17 @@ def test_bench_step_smoke(data_dir, tmp_path):
     assert set(summary["targets"]) == {"mgs_inplace_le_1.10x_irreducible", "mgs_inplace_faster_than_copy",
                                        "mgs_peak_le_mle_peak_plus_params", "mgs_le_1.3x_pg"}
     assert "mgs_inplace" in proc.stdout and "irreducible" in proc.stdout  # the table
+
+
+@pytest.mark.slow
+def test_bench_step_population_smoke(data_dir, tmp_path):
+    env = dict(os.environ, MLEPS_DATA_DIR=str(data_dir), MLEPS_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_step.py"), "--tiny-test", "--population", "--population-k", "2",
+         "--rounds", "1", "--cpu"], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    for key in ("k2_decode_batched_over_sequential", "k2_step_batched_over_sequential"):
+        assert 0 < summary[key] < 100, (key, summary)
+    assert "population decoding" in proc.stdout

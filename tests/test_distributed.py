@@ -55,6 +55,7 @@ SCENARIOS = {  # name: (trainer, extra overrides, injection)
     "mgs_population": ("mgs", ["trainer.parallel=population"], None),
     # a new task loss: its statistics are all-reduced in the step and at validation, with secondary metrics
     "mgs_repetition": ("mgs", ["metric=repetition", "metric.n=2", "eval.metrics=[nontermination,length,bleu]"], None),
+    "mgs_population_batched": ("mgs", ["trainer.parallel=population", "trainer.decode_population=batched"], None),
     "mle_no_dropout": ("mle", ["model.dropout=0.0"], None),
     "mgs_no_dropout": ("mgs", ["model.dropout=0.0"], None),
     "diverge": ("mle", [], "diverge"),
@@ -102,7 +103,8 @@ def assert_ok(out, name):
         assert r["ok"], r
 
 
-@pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population", "mgs_repetition"])
+@pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population", "mgs_repetition",
+                                  "mgs_population_batched"])
 def test_two_processes_equal_one_process_with_accumulation_bit_for_bit(two_processes, tmp_path, data_dir, name):
     assert_ok(two_processes, name)
     rank0, rank1 = params(two_processes, name, 0), params(two_processes, name, 1)

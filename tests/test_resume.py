@@ -146,7 +146,7 @@ def chain_mle(tmp_path):
 
 def chain_mgs(tmp_path):
     args = ["trainer=mgs", "trainer.warm_start_steps=6", "trainer.warm_start_eval_every=3", "trainer.max_steps=5",
-            *SAMPLING]
+            *SAMPLING, "trainer.decode_population=batched"]  # equal to sequential (tests/test_population.py)
     ref, run = tmp_path / "ref", tmp_path / "run"
     p_ref, p = start(ref, *args), start(run, *args)
     kill_at(p, run, 3)  # warm start (MLE) is steps 0-5

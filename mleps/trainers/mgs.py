@@ -21,6 +21,12 @@ Perturbations are applied in place to the live parameters, regenerated from thei
 and θ is restored bit-exactly from one backup after each decode (trainer.perturb=inplace);
 trainer.perturb=copy deep-copies the model per sample as the original code does.
 
+trainer.decode_population says how the K+1 parameter sets decode the batch:
+  sequential  one `generate` per parameter set, perturbing the live model in place
+  batched     one `generate` of (K+1)·B rows: θ and θ+Δ_k are stacked ((K+1) models of memory)
+              and group k of B rows uses its own parameters (mleps.population); the ids, and so
+              the losses and the update, are those of sequential decoding (exact on CPU). Greedy only.
+
 Several processes (accelerate launch) never drift apart: g is all-reduced by DDP, the K
 perturbations come from seeds of (seed, step) alone, and the metric's additive statistics
 (BLEU's n-gram counts and lengths, chrF's counts, a sentence metric's sum and count) are
@@ -41,6 +47,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from mleps import distributed
+from mleps import population as batched_decoding
 from mleps.decoding import decoded_batch, eos_ids, generate
 from mleps.errors import UserError
 from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
@@ -72,12 +79,15 @@ class MGS(UpdateRule):
         self.optimizer = None  # set by the loop
         self.eos = eos_ids(self.unwrapped)
         self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
+        if cfg.decode_population == "batched":  # a model with a module it cannot stack fails here, at start
+            batched_decoding.check_supported(self.unwrapped, self._params(self.unwrapped))
 
     @classmethod
     def check_config(cls, cfg) -> None:
         search_config(cfg)
         choices = {"guide": ("scaled", "optimizer"), "perturb": ("inplace", "copy"),
-                   "apply": ("optimizer", "sgd"), "decode": ("greedy", "sample"), "parallel": ("data", "population")}
+                   "apply": ("optimizer", "sgd"), "decode": ("greedy", "sample"), "parallel": ("data", "population"),
+                   "decode_population": ("sequential", "batched")}
         for key, allowed in choices.items():
             if cfg[key] not in allowed:
                 raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
@@ -85,6 +95,9 @@ class MGS(UpdateRule):
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
         if cfg.max_new_tokens < 1:
             raise UserError(f"trainer.max_new_tokens={cfg.max_new_tokens}: use 1 or more")
+        if cfg.decode_population == "batched" and (cfg.decode != "greedy" or cfg.perturb != "inplace"):
+            raise UserError("trainer.decode_population=batched decodes greedily from stacked parameters: use it "
+                            "with trainer.decode=greedy trainer.perturb=inplace, or decode_population=sequential")
 
     @property
     def needs_every_micro_batch(self) -> bool:  # population search decodes the whole global batch
@@ -167,40 +180,14 @@ class MGS(UpdateRule):
         noise_scales = compute_noise_scales(self.search, guide, len(guide))  # σ_j: once per step, one sync
         times["gradient_s"] = time.perf_counter() - t0
 
-        # -- C(θ): every process decodes its own micro-batches
-        base_stats = None
-        for shard, batch in own:
-            stats, decode_s = self._task_stats(model, batch, self.step_seed(step, shard.index))
-            base_stats = stats if base_stats is None else base_stats + stats
-            times["decode_s"] += decode_s
-
-        # -- perturb, decode, score: every sample on every own micro-batch (data), or this
-        #    process's share of the samples on every micro-batch (population)
+        # -- perturb, decode, score: C(θ) on this process's own micro-batches, and every sample on every
+        #    own micro-batch (data), or this process's share of the samples on every micro-batch (population)
         samples = draw_samples(self.search, torch.Generator().manual_seed(self.step_seed(step)))
         mine = [k for k in range(len(samples)) if not population or k % world == rank]
         decoded = micro_batches if population else own
-        sample_stats = np.zeros((len(samples), len(base_stats)))
-        perturbation_stats = np.zeros((len(samples), len(fields(PerturbationStats))))
-        for k in mine:
-            t0 = time.perf_counter()
-            if cfg.perturb == "copy":
-                perturbed = copy.deepcopy(model)
-                target = self._params(perturbed)
-            else:
-                perturbed, target = model, params
-            perturbation_stats[k] = astuple(apply_perturbation_(target, guide, self.search, samples[k], noise_scales))
-            times["perturb_s"] += time.perf_counter() - t0
-            for shard, batch in decoded:
-                stats, decode_s = self._task_stats(perturbed, batch, self.step_seed(step, shard.index))
-                sample_stats[k] += stats
-                times["decode_s"] += decode_s
-            t0 = time.perf_counter()
-            if cfg.perturb == "copy":
-                del perturbed, target
-            else:
-                with torch.no_grad():
-                    torch._foreach_copy_(params, backup)
-            times["perturb_s"] += time.perf_counter() - t0
+        decode_all = self._decode_batched if cfg.decode_population == "batched" else self._decode_sequential
+        base_stats, sample_stats, perturbation_stats = decode_all(
+            model, params, guide, samples, mine, decoded, step, noise_scales, backup, times)
 
         # -- weight: one all-reduce makes every process hold the same K+1 losses
         t0 = time.perf_counter()
@@ -235,6 +222,69 @@ class MGS(UpdateRule):
             "ess": info["ess"], "weight_entropy": info["weight_entropy"], "guided_weight": info["guided_weight"],
             "noise_norm": info["noise_norm"], "update_norm": update_norm, "guide_norm": guide_norm, **times,
         }
+
+    # -- decoding the K+1 parameter sets ---------------------------------------------
+    def _decode_sequential(self, model, params, guide, samples, mine, decoded, step, noise_scales, backup, times):
+        """(C(θ)'s, each sample's and each perturbation's statistics), one `generate` per parameter set."""
+        cfg = self.cfg
+        base_stats = None
+        for shard, batch in decoded:
+            if shard.local:
+                stats, decode_s = self._task_stats(model, batch, self.step_seed(step, shard.index))
+                base_stats = stats if base_stats is None else base_stats + stats
+                times["decode_s"] += decode_s
+        sample_stats = np.zeros((len(samples), len(base_stats)))
+        perturbation_stats = np.zeros((len(samples), len(fields(PerturbationStats))))
+        for k in mine:
+            t0 = time.perf_counter()
+            if cfg.perturb == "copy":
+                perturbed = copy.deepcopy(model)
+                target = self._params(perturbed)
+            else:
+                perturbed, target = model, params
+            perturbation_stats[k] = astuple(apply_perturbation_(target, guide, self.search, samples[k], noise_scales))
+            times["perturb_s"] += time.perf_counter() - t0
+            for shard, batch in decoded:
+                stats, decode_s = self._task_stats(perturbed, batch, self.step_seed(step, shard.index))
+                sample_stats[k] += stats
+                times["decode_s"] += decode_s
+            t0 = time.perf_counter()
+            if cfg.perturb == "copy":
+                del perturbed, target
+            else:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, backup)
+            times["perturb_s"] += time.perf_counter() - t0
+        return base_stats, sample_stats, perturbation_stats
+
+    def _decode_batched(self, model, params, guide, samples, mine, decoded, step, noise_scales, backup, times):
+        """The same statistics from one `generate` per micro-batch: group 0 of the rows decodes with θ,
+        group i with θ+Δ_{mine[i-1]}, each from its slice of the stacked parameters. In population mode
+        the micro-batches of other processes decode group 0 too (its result unused): one group in 1+|mine|."""
+        t0 = time.perf_counter()
+        stacks = batched_decoding.stack_parameters(params, 1 + len(mine))  # every group starts as θ; θ stays untouched
+        perturbation_stats = np.zeros((len(samples), len(fields(PerturbationStats))))
+        for group, k in enumerate(mine, start=1):
+            perturbation_stats[k] = astuple(apply_perturbation_(
+                [stack[group] for stack in stacks], guide, self.search, samples[k], noise_scales))
+        times["perturb_s"] += time.perf_counter() - t0
+        base_stats, sample_stats = None, None
+        with batched_decoding.population(model, dict(zip(params, stacks))):
+            for shard, batch in decoded:
+                t0 = time.perf_counter()
+                groups = batched_decoding.decode(model, batch, 1 + len(mine), max_new_tokens=self.cfg.max_new_tokens)
+                times["decode_s"] += time.perf_counter() - t0
+                if shard.local:
+                    stats = self._score(groups[0], batch)
+                    base_stats = stats if base_stats is None else base_stats + stats
+                for ids, k in zip(groups[1:], mine):
+                    stats = self._score(ids, batch)
+                    if sample_stats is None:
+                        sample_stats = np.zeros((len(samples), len(stats)))
+                    sample_stats[k] += stats
+        if sample_stats is None:  # this process decodes no sample (K < processes)
+            sample_stats = np.zeros((len(samples), len(base_stats)))
+        return base_stats, sample_stats, perturbation_stats
 
     def apply(self, optimizer) -> None:
         if self.cfg.apply == "optimizer":
