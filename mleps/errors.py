@@ -80,7 +80,9 @@ def hydra_message(e: BaseException) -> str:
     for err in chain:
         if isinstance(err, UserError):  # raised by a resolver, e.g. the run dir's
             return str(err)
-    if isinstance(e, OSError):
+    from hydra.errors import HydraException
+
+    if isinstance(e, OSError) and not isinstance(e, HydraException):  # Hydra's MissingConfigException is an OSError
         return f"cannot create the run dir {e.filename}: {e.strerror or e}: pass output_dir=A_WRITABLE_FOLDER"
     parts, options = [], []
     for err in chain:

@@ -82,7 +82,7 @@ def test_hydra_errors_are_one_line_and_exit_2_before_anything_runs(tmp_path, cap
     out = tmp_path / "run"
     code, _, err = run_main("mleps.train", "trainer=mle", override, f"output_dir={out}", capfd=capfd)
     assert_user_error(code, err, key)
-    assert not out.exists()  # nothing ran
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()  # nothing ran
 
 
 def test_an_unknown_trainer_fails_listing_the_options_without_internal_schemas(tmp_path, capfd):

@@ -21,13 +21,13 @@ def _refs(path, n, column):
         return [json.loads(line)[column].strip() for _, line in zip(range(n), f)]
 
 
-@pytest.mark.slow
 def _path_hash(path) -> str:
     import hashlib
 
     return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_prints_json_and_its_bleu_is_sacrebleus(trained_run, data_dir, tmp_path):
     assert trained_run.rc == 0, trained_run.stderr[-3000:]
     ckpt = trained_run.dir / "checkpoints" / "last"
