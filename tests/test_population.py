@@ -184,8 +184,8 @@ def test_mgs_losses_and_update_equal_sequential_decoding(name, guide):
                         apply="sgd" if guide == "optimizer" else "optimizer", num_samples=4,
                         noise_mode="constant", noise_scale=NOISE[name])
         losses = []
-        real = rule.metric.task_loss_from_stats
-        rule.metric.task_loss_from_stats = lambda stats: losses.append(real(stats)) or losses[-1]
+        real = rule.metric.loss_from_stats
+        rule.metric.loss_from_stats = lambda stats: losses.append(real(stats)) or losses[-1]
         stats = rule.step(batch, step=3)
         results[mode] = (losses, stats, [p.grad.clone() for p in model.parameters() if p.requires_grad])
     (seq_losses, seq_stats, seq_grads), (bat_losses, bat_stats, bat_grads) = results["sequential"], results["batched"]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import MarianConfig, MarianMTModel
 
-from mleps.config import MetricConfig, PGConfig
+from mleps.config import MetricConfig, MRTConfig, PGConfig
 from mleps.decoding import DecodedBatch, decoded_batch
 from mleps.errors import UserError
 from mleps.losses import Custom, EditDistance, LMScore, Repetition, build_task_loss, levenshtein
@@ -189,9 +189,9 @@ def test_pg_and_mrt_refuse_a_loss_without_a_sentence_form():
                                        decoder_ffn_dim=8, pad_token_id=PAD, eos_token_id=EOS,
                                        decoder_start_token_id=START))
     assert build_task_loss("composite", losses=["bleu", "lm"], weights=[1, 1]).has_sentence_form
-    for rule in ("pg", "mrt"):
+    for rule, schema in (("pg", PGConfig), ("mrt", MRTConfig)):
         with pytest.raises(UserError, match=f"trainer={rule} needs a per-output .* trainer=mgs"):
-            build_rule(rule, cfg=OmegaConf.structured(PGConfig()), model=model, tokenizer=None,
+            build_rule(rule, cfg=OmegaConf.structured(schema()), model=model, tokenizer=None,
                        metric=CorpusOnly(), accelerator=Accelerator(cpu=True))
 
 
