@@ -231,3 +231,19 @@ def trained_run(tmp_path_factory, data_dir):
     rc, stdout, stderr = run_cli("mleps.train", *E2E_TRAIN, f"output_dir={out}", cwd=work,
                                  env={"MLEPS_DATA_DIR": str(data_dir)})
     return SimpleNamespace(rc=rc, stdout=stdout, stderr=stderr, dir=out, cwd=work)
+
+
+def allocated_peak(fn) -> int:
+    """Peak bytes torch allocated on the CPU over fn() beyond what was allocated before it
+    (the profiler's allocation events, summed in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from transformers import T5Config, T5ForConditionalGeneration
 
+from conftest import allocated_peak
 from mleps import population
 from mleps.config import MLEConfig
 from mleps.decoding import generate
@@ -194,22 +195,6 @@ def test_mgs_losses_and_update_equal_sequential_decoding(name, guide):
     for key in ("task_loss", "perturbed_loss_mean", "ess", "update_norm", "noise_norm"):
         assert bat_stats[key] == pytest.approx(seq_stats[key], abs=1e-6), key
     assert max(float((a - b).abs().max()) for a, b in zip(bat_grads, seq_grads)) <= 1e-6
-
-
-def allocated_peak(fn) -> int:
-    """Peak bytes torch allocated on the CPU over fn() beyond what was allocated before it
-    (the profiler's allocation events, summed in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 @pytest.mark.slow
