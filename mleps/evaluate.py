@@ -33,7 +33,7 @@ def default_predictions_name(data_cfg, split: str) -> str:
     test.jsonl in different folders) never write over each other's predictions."""
     from mleps.data import data_path
 
-    file = data_path(data_cfg[f"{split}_file"])
+    file = data_path(data_cfg[f"{split}_file"]).resolve()  # one name for one file, whatever links lead to it
     digest = hashlib.sha256(str(file).encode()).hexdigest()[:8]
     return f"predictions-{data_cfg.name}-{split}-{file.stem}-{digest}.txt"
 
