@@ -244,7 +244,8 @@ class Reproduction:
     """The stages of one task under one budget, in `out`."""
 
     def __init__(self, task: str, budget: str, out: Path, seeds: list[int] | None = None,
-                 base: Path | None = None, beams: list[int] | None = None, jobs: int = 2, progress: bool = True):
+                 base: Path | None = None, beams: list[int] | None = None, jobs: int = 2, progress: bool = True,
+                 extra_arms: dict[str, list[str]] | None = None):
         if task not in TASKS:
             raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
         if budget == "paper":
@@ -252,6 +253,17 @@ class Reproduction:
         if (task, budget) not in BUDGETS:
             raise UserError(f"unknown budget '{budget}' for {task}: use cpu, tiny or paper")
         self.task, self.budget = TASKS[task], BUDGETS[(task, budget)]
+        self.arms = dict(ARMS)
+        for name, overrides in (extra_arms or {}).items():
+            if name in ARMS or not name.replace("_", "").isalnum():
+                raise UserError(f"--arm {name}=...: give a new arm a fresh name of letters, digits and _ "
+                                f"(not one of {', '.join(ARMS)})")
+            if not any(o.startswith("trainer=") for o in overrides):
+                raise UserError(f"--arm {name}={' '.join(overrides)}: name its rule, e.g. --arm {name}='trainer=mgs "
+                                f"trainer.warm_start_steps=0 ...'")
+            self.arms[name] = list(overrides)
+        if extra_arms:
+            self.task = dataclasses.replace(self.task, arms=[*self.task.arms, *extra_arms])
         if beams:
             if any(b < 1 for b in beams):
                 raise UserError(f"--beams {beams}: beam sizes are 1 (greedy) or more")
@@ -289,7 +301,7 @@ class Reproduction:
                        validate: bool = True) -> list[str]:
         b = self.budget
         every = max(steps // b.evaluations_per_arm, 1)
-        rule = list(ARMS[arm])
+        rule = list(self.arms[arm])
         if self.task.from_scratch and arm == "mle":
             rule = ["trainer=mle"]  # its from-scratch recipe (warm-up, inverse sqrt)
         elif arm == "mle":

@@ -213,8 +213,11 @@ def significance(rows: list[dict], references: list[list[str]], metric: str) -> 
     for b, seeds in by.items():
         for seed, arms in seeds.items():
             pairs = {}
-            for baseline in ("mle", "mgs"):
-                others = [(a, h) for a, h in arms.items() if a != baseline and not (baseline == "mgs" and a == "mle")]
+            for baseline in ("mle", "mgs", "mgs_blind"):
+                # every arm against continued MLE, the other rules against MGS, extra arms (--arm) also against
+                # MGS-blind: each pair once
+                others = [(a, h) for a, h in arms.items() if a != baseline and (
+                    baseline == "mle" or (baseline == "mgs" and a != "mle") or a not in STANDARD_ARMS)]
                 if baseline in arms and others:
                     for a, res in paired_bootstrap((baseline, arms[baseline]), others, references, metrics).items():
                         pairs[f"{a} vs {baseline}"] = res
@@ -241,6 +244,13 @@ def verdict(results: dict) -> list[str]:
             text = compare_sentence("MGS", name[other], [sign * f["delta"] for f in found], [f["p"] for f in found],
                                     f"{metric} (greedy)")
             sentences.append(f"At {label}: {text}")
+        for extra in sorted({p.split(" vs ")[0] for s in seeds.values() for p in s} - set(STANDARD_ARMS)):
+            for other in ("mle", "mgs_blind"):
+                found = [seeds[s][f"{extra} vs {other}"][key] for s in seeds if f"{extra} vs {other}" in seeds[s]]
+                if found:
+                    text = compare_sentence(extra, name[other], [f["delta"] for f in found], [f["p"] for f in found],
+                                            f"{metric} (greedy)")
+                    sentences.append(f"At {label}: {text}")
         diag = results["summary"].get(b, {}).get("mgs", {}).get("diagnostics")
         if diag:
             k = diag.get("num_samples") or "K"
@@ -256,6 +266,7 @@ def verdict(results: dict) -> list[str]:
 
 
 # -- writing ------------------------------------------------------------------------------------
+STANDARD_ARMS = ("mle", "pg", "mrt", "mgs", "mgs_blind")
 ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "mrt": "MRT", "mgs": "MGS", "mgs_blind": "MGS-blind (uniform weights)"}
 
 
@@ -366,7 +377,7 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                                              if p in sig[s] else "-" for s in sig for mm in metrics] for p in pairs]
             lines += ["Paired bootstrap (sacrebleu, 1,000 resamples, seed 12345) on the greedy test predictions: "
                       "Δ = first minus second; p is two-sided.", "", markdown_table(header, rows), ""]
-        diag_rows = [[ARM_NAMES[a]] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
+        diag_rows = [[ARM_NAMES.get(a, a)] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
                      for a, s in arms.items() if "diagnostics" in s]
         if diag_rows:
             lines += ["MGS diagnostics, averaged over the training steps of all seeds:", "",

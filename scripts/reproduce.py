@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mleps.errors import exit_on_user_error  # noqa: E402
+from mleps.errors import UserError, exit_on_user_error  # noqa: E402
 from mleps.reproduce import PAPER, TASKS, Reproduction  # noqa: E402
 
 
@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", help="arm seeds (default: the budget's, 0 1 2 for mt)")
     p.add_argument("--base", help="a checkpoint folder to start the arms from (skips the base stage)")
     p.add_argument("--beams", type=int, nargs="+", help="test decodes' beam sizes (default: the budget's, 1 4)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="an extra arm, calibrated and run like the others, e.g. "
+                        "--arm mgs_line='trainer=mgs trainer.warm_start_steps=0 trainer.line_search_scales=[1,2,4]'")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each when > 1")
     p.add_argument("--results-md", help="default docs/results.md (mt) or docs/results-<task>.md")
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
@@ -48,8 +51,14 @@ def main(argv=None) -> None:
     out = Path(args.out or f"runs/reproduce/{args.task}")
     md = Path(args.results_md or ROOT / "docs" / ("results.md" if args.task == "mt" else f"results-{args.task}.md"))
     json_path = Path(args.json or ROOT / "docs" / "results" / f"{args.task}.json")
+    extra = {}
+    for spec in args.arm:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not overrides.strip():
+            raise UserError(f"--arm {spec}: write NAME=OVERRIDES, e.g. --arm mgs_rank='trainer=mgs trainer.weighting=rank'")
+        extra[name.strip()] = shlex.split(overrides)
     repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, extra_arms=extra)
     results = repro.run()
     from mleps.reproduce_report import write_report
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from mleps.errors import UserError
 from mleps.reproduce import Reproduction
 from mleps.reproduce_report import compare_sentence, markdown_table, mean_std, paired_bootstrap, summarize
 from tests.conftest import REPO, assert_user_error
@@ -139,3 +140,14 @@ def test_tiny_scratch_curves(tmp_path, data_dir):
     assert all(r["curve"][0][0] == 0 and len(r["curve"]) >= 2 for r in results["runs"])
     assert not (tmp_path / "runs" / "test").exists() and "init_from" not in json.dumps(results["commands"])
     assert (docs / "img" / "scratch-equal_time.png").stat().st_size > 10_000
+
+
+def test_an_extra_arm_is_calibrated_run_and_compared_like_the_others(tmp_path):
+    repro = Reproduction("mt", "tiny", tmp_path, extra_arms={"mgs_hot": ["trainer=mgs", "trainer.temperature=0.5"]})
+    assert "mgs_hot" in repro.calibration_rules() and repro.task.arms[-1] == "mgs_hot"
+    assert "mgs_hot" not in Reproduction("mt", "tiny", tmp_path / "other").task.arms  # TASKS is not modified
+    overrides = repro.rule_overrides("mgs_hot", 5, seed=1)
+    assert overrides[:2] == ["trainer=mgs", "trainer.temperature=0.5"] and "trainer.max_steps=5" in overrides
+    for bad, word in (({"mgs": ["trainer=mgs"]}, "fresh name"), ({"x": ["trainer.temperature=1"]}, "name its rule")):
+        with pytest.raises(UserError, match=word):
+            Reproduction("mt", "tiny", tmp_path, extra_arms=bad)
