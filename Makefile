@@ -25,7 +25,7 @@ demo: install data
 	$(BIN)/python -m mleps.train
 
 test: install data
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 test-fast: install data
 	$(BIN)/python -m pytest -q -m "not slow"
