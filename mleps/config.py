@@ -62,6 +62,9 @@ class MetricConfig:
 @dataclass
 class EvalConfig:
     metrics: List[str] = field(default_factory=list)  # secondary validation metrics, e.g. [bleu,chrf,repetition]
+    # what checkpoints/best and trainer.patience follow: the metric's score, or the references'
+    # cross_entropy (lower is better; the MLE optimum, e.g. for a completion base model)
+    select: str = "score"
 
 
 @dataclass

@@ -312,9 +312,10 @@ class Loop:
         })
         log.info("step %d validation %s %.4g", step, self.eval_metric.name, score)
         self.state["last_eval_step"], self.state["last_score"] = step, score
-        best = self.state["best_score"]
-        if best is None or (score > best if self.eval_metric.higher_is_better else score < best):
-            self.state["best_score"] = score
+        best, selected = self.state["best_score"], result[self.cfg.eval.select]
+        higher_is_better = self.eval_metric.higher_is_better and self.cfg.eval.select == "score"
+        if best is None or (selected > best if higher_is_better else selected < best):
+            self.state["best_score"] = selected
             self.state["best_step"] = step
             self.state["evals_without_improvement"] = 0
             self.save("best")

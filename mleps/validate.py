@@ -87,6 +87,8 @@ def validate_train_config(cfg, phases) -> None:
     for key in ("num_beams", "max_new_tokens", "batch_size"):
         _at_least(d[key], 1, f"decode.{key}")
     _finite(d.length_penalty, "decode.length_penalty")
+    if cfg.eval.select not in ("score", "cross_entropy"):
+        raise UserError(f"eval.select={cfg.eval.select}: use score (the metric) or cross_entropy (of the references)")
     data = cfg.data
     for key in ("max_train_examples", "max_eval_examples"):
         _at_least(data[key], 1, f"data.{key}")

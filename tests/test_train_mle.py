@@ -301,3 +301,19 @@ def test_patience_counts_from_the_last_improvement(tmp_path, capfd, pairs_file):
         assert scores[-1][0] - best_step < 4
     state = json.loads((tmp_path / "run" / "checkpoints" / "best" / "trainer_state.json").read_text())
     assert state["step"] == best_step and state["best_score"] == pytest.approx(best)
+
+
+def test_select_by_cross_entropy_keeps_the_lowest_reference_cross_entropy(tmp_path, capfd, pairs_file):
+    """eval.select=cross_entropy: checkpoints/best is the evaluation with the lowest references' cross-entropy,
+    whatever the metric says (the MLE optimum, e.g. for a completion base model)."""
+    args = _train_args(tmp_path, pairs_file, None, "trainer.max_steps=12", "trainer.eval_every=3",
+                       "trainer.lr=3e-3", "eval.select=cross_entropy")
+    code, _, err = _train(tmp_path, capfd, *args)
+    assert code == 0, err
+    evals = [e for e in read_jsonl(tmp_path / "run" / "metrics.jsonl") if e["split"] == "validation"]
+    best = min(evals, key=lambda e: (e["cross_entropy"], e["step"]))
+    assert best["step"] > 0  # training lowers it from the random start
+    state = json.loads((tmp_path / "run" / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert state["step"] == best["step"] and state["best_score"] == pytest.approx(best["cross_entropy"])
+    code, _, err = _train(tmp_path, capfd, *args[:-1], "eval.select=perplexity", "overwrite=true")
+    assert code == 2 and "eval.select=perplexity" in err
