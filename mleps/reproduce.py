@@ -64,6 +64,19 @@ class Task:
     overrides: list[str]  # every training run (the MT defaults need none)
     arms: list[str]
     from_scratch: bool = False  # no base: every arm starts from random weights (one budget, no test)
+    higher_is_better: bool = True  # of the validation score (False: a task loss, as in completion)
+    budgets: tuple = ("equal_time", "equal_steps")
+    base_select: str = "score"  # eval.select of the base: score, or cross_entropy (the MLE optimum)
+    # test quantities reported per arm: evaluate's JSON key -> column name (chrf and mean_words are
+    # added from the predictions); a completion evaluation adopts the checkpoint's data and metric
+    test_keys: dict = field(default_factory=lambda: {"score": "test", "chrf": "chrf"})
+    evaluate: list[str] = field(default_factory=list)  # every test evaluation of this task
+
+
+# Sequence completion (the paper's headline): MGS against repetition and non-termination of greedy
+# continuations. The training loss's components and weights are chosen on validation (docs/completion.md).
+COMPLETION = ["data=completion", "model=tiny_gpt2", "metric=composite", "metric.losses=[repetition,nontermination]",
+              "metric.weights=[1.0,1.0]", "eval.metrics=[repetition,nontermination,edit,length]"]
 
 
 TASKS = {
@@ -71,6 +84,11 @@ TASKS = {
     "summarization": Task("summarization", "aeslc", "rouge", ["data=aeslc", "metric=rouge"],
                           ["mle", "pg", "mrt", "mgs", "mgs_blind"]),
     "scratch": Task("scratch", "multi30k_de_en", "bleu", [], ["mle", "pg", "mgs"], from_scratch=True),
+    "completion": Task("completion", "completion", "composite", COMPLETION, ["mle", "pg", "mrt", "mgs", "mgs_blind"],
+                       higher_is_better=False, budgets=("equal_time",), base_select="cross_entropy",
+                       test_keys={"score": "task_loss", **{k: k for k in ("repetition", "nontermination", "edit",
+                                                                          "perplexity", "mean_words")}},
+                       evaluate=["eval.metrics=[repetition,nontermination,edit,length]"]),
 }
 
 
@@ -317,8 +335,9 @@ class Reproduction:
     def stage_base(self) -> list[Job]:
         if self.given_base or self.task.from_scratch:
             return []
+        select = [f"eval.select={self.task.base_select}"] if self.task.base_select != "score" else []
         return [self.train_job("base", self.base_dir, ["trainer=mle", "seed=0", *self.budget.base,
-                                                        *self.task.overrides, *self.budget.common])]
+                                                        *self.task.overrides, *select, *self.budget.common])]
 
     # -- calibration: seconds per step of each rule ------------------------------
     def calibration_rules(self) -> list[str]:
@@ -365,24 +384,25 @@ class Reproduction:
 
     def lr_scores(self) -> dict[float, float]:
         """Best validation score after step 0 of each lr (step 0 is the base, the same for all)."""
-        return {lr: max(e["score"] for e in read_events(self.lr_dir(lr), "validation") if e["step"] > 0)
+        best = max if self.task.higher_is_better else min
+        return {lr: best(e["score"] for e in read_events(self.lr_dir(lr), "validation") if e["step"] > 0)
                 for lr in self.budget.lrs}
 
     def best_lr(self) -> float | None:
         if self.task.from_scratch or not self.budget.lrs:
             return None
         scores = self.lr_scores()
-        return max(scores, key=scores.get)
+        return (max if self.task.higher_is_better else min)(scores, key=scores.get)
 
     # -- arms -----------------------------------------------------------------------
     def budgets(self) -> list[str]:
-        return ["equal_time"] if self.task.from_scratch else ["equal_time", "equal_steps"]
+        return ["equal_time"] if self.task.from_scratch else list(self.task.budgets)
 
     def arm_steps(self) -> dict[str, dict[str, int]]:
         """budget -> arm -> steps."""
         time_steps = self.steps_for_time()
         out = {"equal_time": time_steps}
-        if not self.task.from_scratch:
+        if "equal_steps" in self.budgets():
             n = time_steps["mgs"]
             out["equal_steps"] = {arm: n for arm in self.task.arms}
         return out
@@ -432,7 +452,9 @@ class Reproduction:
         for decode, beams in self.decodes().items():
             for label, ckpt in self.tested().items():
                 done = self.test_file(label, decode)
-                argv = ["mleps.evaluate", f"checkpoint={ckpt}", f"data={self.task.data}", f"metric={self.task.metric}",
+                # a completion checkpoint brings its own data and metric (composite with its components)
+                task = [] if self.task.evaluate else [f"data={self.task.data}", f"metric={self.task.metric}"]
+                argv = ["mleps.evaluate", f"checkpoint={ckpt}", *task, *self.task.evaluate,
                         "split=test", f"decode.num_beams={beams}", f"predictions={done.with_suffix('.txt')}",
                         "progress=false", *self.budget.evaluate]
                 jobs.append(Job(f"test/{label}/{decode}", argv, done, self.out / "logs" / f"{done.stem}.log",
@@ -458,6 +480,22 @@ class Reproduction:
             self._references = list(load_split(cfg.data, "test")["references"])
         return self._references
 
+    def completion_examples(self) -> list[tuple[str, str]]:
+        """(prefix, reference continuation) of each test example, in evaluate's order."""
+        from hydra import compose, initialize_config_dir
+        from transformers import AutoTokenizer
+
+        from mleps.config import register_configs
+        from mleps.data import completion_pairs, load_split
+
+        register_configs()
+        cuts = [o for o in self.budget.evaluate + self.task.overrides if o.startswith("data.")]
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=["checkpoint=unused", f"data={self.task.data}", *cuts])
+        tokenizer = AutoTokenizer.from_pretrained(self.base_checkpoint)
+        pairs = completion_pairs(load_split(cfg.data, "test"), tokenizer, cfg.data, "test")
+        return list(zip(pairs["source"], pairs["target"]))
+
     def _score_predictions(self, job: Job) -> None:
         """evaluate's last JSON line, plus chrF of the same predictions (sacrebleu, through mleps.metrics)."""
         from mleps.metrics import build_metric
@@ -465,8 +503,11 @@ class Reproduction:
         lines = [line for line in job.log.read_text().splitlines() if line.startswith("{")]
         result = json.loads(lines[-1])
         hyps = Path(result["predictions"]).read_text(encoding="utf-8").splitlines()
-        chrf = build_metric("chrf").corpus_score(hyps, self.references())
-        result["chrf"], result["chrf_signature"] = chrf["score"], chrf["signature"]
+        if "chrf" in self.task.test_keys:
+            chrf = build_metric("chrf").corpus_score(hyps, self.references())
+            result["chrf"], result["chrf_signature"] = chrf["score"], chrf["signature"]
+        if "mean_words" in self.task.test_keys:
+            result["mean_words"] = sum(len(h.split()) for h in hyps) / max(len(hyps), 1)
         write_json_atomic(job.done_file, result)
 
     # -- everything -------------------------------------------------------------------------

@@ -105,10 +105,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_row(run_dir: Path) -> dict:
+def run_row(run_dir: Path, higher_is_better: bool = True) -> dict:
     train = read_events(run_dir, "train")
     val = read_events(run_dir, "validation")
-    best = max(val, key=lambda e: e["score"])
+    best = (max if higher_is_better else min)(val, key=lambda e: e["score"])
     diag = {}
     if train and "ess" in train[-1]:
         for key in DIAGNOSTICS[:3]:
@@ -143,7 +143,8 @@ def collect(repro, commands: dict) -> dict:
     task, budget = repro.task, repro.budget
     lr = repro.best_lr()
     results = {
-        "task": task.name, "budget": budget.name, "metric": task.metric, "commit": git_commit(),
+        "task": task.name, "budget": budget.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+        "test_keys": task.test_keys, "commit": git_commit(),
         "date": datetime.date.today().isoformat(), "seeds": repro.seeds, "train_s": budget.train_s,
         "notes": budget.notes, "out": str(repro.out),
         "decodes": [] if task.from_scratch else list(repro.decodes()),
@@ -160,24 +161,45 @@ def collect(repro, commands: dict) -> dict:
         tests[label] = {d: json.loads(repro.test_file(label, d).read_text()) for d in repro.decodes()}
     if not task.from_scratch:
         base_val = read_events(repro.base_dir, "validation") if repro.given_base is None else []
-        results["base"] = {"checkpoint": str(repro.base_checkpoint), "test": tests["base"],
-                           "val_best": max((e["score"] for e in base_val), default=None),
+        key = "cross_entropy" if task.base_select == "cross_entropy" else "score"
+        pick = max if task.higher_is_better and key == "score" else min
+        results["base"] = {"checkpoint": str(repro.base_checkpoint), "test": tests["base"], "selected_by": key,
+                           "val_best": pick((e[key] for e in base_val), default=None),
                            "steps": max((e["step"] for e in base_val), default=None)}
     rows = []
     for (b, arm, seed), run_dir in repro.arm_runs().items():
-        row = {"budget": b, "arm": arm, "seed": seed, **run_row(run_dir)}
+        row = {"budget": b, "arm": arm, "seed": seed, **run_row(run_dir, task.higher_is_better)}
         label = str(run_dir.relative_to(repro.out))
         row["test"] = tests.get(label, {})
         rows.append(row)
     results["runs"] = rows
-    results["summary"] = summarize(rows, results.get("base"), list(repro.decodes()))
-    if not task.from_scratch:
+    results["summary"] = summarize(rows, results.get("base"), list(repro.decodes()), task.test_keys)
+    if not task.from_scratch and "chrf" in task.test_keys:  # sacrebleu's bootstrap: text metrics only
         results["significance"] = significance(rows, repro.references(), task.metric)
-    results["verdict"] = verdict(results)
+    if task.name == "completion" and "greedy" in repro.decodes():
+        results["examples"] = side_by_side(repro, rows)
+    results["verdict"] = completion_verdict(results) if task.name == "completion" else verdict(results)
     return results
 
 
-def summarize(rows: list[dict], base: dict | None, decodes: list[str]) -> dict:
+def side_by_side(repro, rows: list[dict], n: int = 5) -> list[dict]:
+    """The first n test examples: prefix, reference, the base's and MGS's (first seed) greedy continuations."""
+    mgs = next((r for r in rows if r["arm"] == "mgs" and "greedy" in r["test"]), None)
+    base = repro.test_file("base", "greedy")
+    if mgs is None or not base.is_file():
+        return []
+    read = lambda result: Path(result["predictions"]).read_text(encoding="utf-8").splitlines()  # noqa: E731
+    base_result, mgs_result = json.loads(base.read_text()), mgs["test"]["greedy"]
+    ended = lambda result, i: "" if not result.get("ended_with_eos") else " ⏹" * result["ended_with_eos"][i]  # noqa
+    out = []
+    for i, (prefix, reference) in enumerate(repro.completion_examples()[:n]):
+        out.append({"seed": mgs["seed"], "prefix": prefix, "reference": reference,
+                    "mle": read(base_result)[i] + ended(base_result, i), "mgs": read(mgs_result)[i] + ended(mgs_result, i)})
+    return out
+
+
+def summarize(rows: list[dict], base: dict | None, decodes: list[str],
+              test_keys: dict | None = None) -> dict:
     """budget -> arm -> quantity -> [mean, std] over seeds (test quantities also Δ vs the base)."""
     out = {}
     for row in rows:
@@ -187,7 +209,7 @@ def summarize(rows: list[dict], base: dict | None, decodes: list[str]) -> dict:
         for arm, group in arms.items():
             s = {k: list(mean_std([r[k] for r in group])) for k in ("steps", "s_per_step", "train_s", "val_best")}
             for d in decodes:
-                for key, name in (("score", "test"), ("chrf", "chrf")):
+                for key, name in (test_keys or {"score": "test", "chrf": "chrf"}).items():
                     values = [r["test"][d][key] for r in group if d in r["test"]]
                     if values:
                         s[f"{name}_{d}"] = list(mean_std(values))
@@ -265,7 +287,68 @@ def verdict(results: dict) -> list[str]:
     return sentences
 
 
+def completion_verdict(results: dict) -> list[str]:
+    """The completion issue's bar, checked against the numbers (greedy test, mean over seeds)."""
+    base = (results.get("base") or {}).get("test", {}).get("greedy")
+    sentences = []
+    for b, arms in results["summary"].items():
+        mgs = arms.get("mgs")
+        if not mgs or base is None or "repetition_greedy" not in mgs:
+            continue
+        label = b.replace("_", " ")
+        rep, nonterm = mgs["repetition_greedy"][0], mgs["nontermination_greedy"][0]
+        ppl = mgs["perplexity_greedy"][0]
+        for name, value, ref in (("seq-rep-4", rep, base["repetition"]), ("non-termination", nonterm,
+                                                                          base["nontermination"])):
+            halved = value <= 0.5 * ref
+            sentences.append(f"At {label}: MGS's {name} is {value:.3f} against the MLE base's {ref:.3f} "
+                             f"({'at least halved' if halved else 'not halved'}: ×{value / ref:.2f})."
+                             if ref > 0 else f"At {label}: the MLE base's {name} is 0; MGS's is {value:.3f}.")
+        change = ppl / base["perplexity"] - 1
+        sentences.append(f"At {label}: the references' perplexity under MGS is {ppl:.2f} against {base['perplexity']:.2f} "
+                         f"({100 * change:+.1f} %, {'within' if change <= 0.10 else 'beyond'} the +10 % allowed).")
+        for other in ("mgs_blind", "pg", "mrt", "mle"):
+            if other in arms and "task_loss_greedy" in arms[other]:
+                a, o = mgs["task_loss_greedy"][0], arms[other]["task_loss_greedy"][0]
+                sentences.append(f"At {label}: MGS's test task loss {a:.4f} is "
+                                 f"{'lower than' if a < o else 'not lower than'} {ARM_NAMES.get(other, other)}'s "
+                                 f"{o:.4f} (mean of {len(results['seeds'])} seeds).")
+        diag = mgs.get("diagnostics")
+        if diag:
+            sentences.append(f"At {label}, MGS's importance weights had ESS {diag['ess']:.2f} of "
+                             f"{diag.get('num_samples') or 'K'}, {100 * diag['guided_weight']:.0f} % of the weight "
+                             f"on guided samples; the best perturbation lowered the batch task loss by "
+                             f"{diag['best_improvement']:.4f} on average.")
+    return sentences
+
+
 # -- writing ------------------------------------------------------------------------------------
+COLUMN_LABELS = {"chrf": "chrF", "task_loss": "task loss", "repetition": "seq-rep-4", "nontermination": "non-term.",
+                 "edit": "edit dist.", "perplexity": "ref. ppl", "mean_words": "words"}
+
+
+def column_label(name: str, metric: str) -> str:
+    return f"test {metric}" if name == "test" else COLUMN_LABELS.get(name, name)
+
+
+def digits(name: str) -> int:
+    """Decimals shown: BLEU-like scores 2, shares and distances 3."""
+    return 3 if name in ("task_loss", "repetition", "nontermination", "edit") else 2
+
+
+def examples_markdown(examples: list[dict]) -> list[str]:
+    lines = ["## Continuations side by side", "",
+             f"The first {len(examples)} test prefixes, greedy: the MLE base against MGS (seed "
+             f"{examples[0]['seed']}). `⏹` marks a continuation that ended with EOS; without it, it ran to the "
+             "length limit.", ""]
+    for i, e in enumerate(examples, 1):
+        cell = lambda text: " ".join(text.split()).replace("|", "\\|") or "(empty)"  # noqa: E731
+        lines += [f"**{i}.** prefix: `{' '.join(e['prefix'].split())}`", "", markdown_table(
+            ["", "continuation"], [["reference", cell(e["reference"])], ["MLE base", cell(e["mle"])],
+                                   ["MGS", cell(e["mgs"])]]), ""]
+    return lines
+
+
 STANDARD_ARMS = ("mle", "pg", "mrt", "mgs", "mgs_blind")
 ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "mrt": "MRT", "mgs": "MGS", "mgs_blind": "MGS-blind (uniform weights)"}
 
@@ -305,15 +388,16 @@ def plot_curves(rows: list[dict], budget: str, metric: str, out: Path) -> Path:
     return out
 
 
-def write_csv(rows: list[dict], path: Path, decodes: list[str]) -> None:
+def write_csv(rows: list[dict], path: Path, decodes: list[str], keys: dict | None = None) -> None:
+    keys = keys or {"score": "test", "chrf": "chrf"}
     fields = ["budget", "arm", "seed", "steps", "s_per_step", "train_s", "val_best", "val_best_step"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(fields + [f"test_{d}" for d in decodes] + [f"chrf_{d}" for d in decodes] + ["run_dir"])
+        w.writerow(fields + [f"{n}_{d}" for n in keys.values() for d in decodes] + ["run_dir"])
         for r in rows:
-            w.writerow([r[k] for k in fields] + [r["test"].get(d, {}).get("score", "") for d in decodes]
-                       + [r["test"].get(d, {}).get("chrf", "") for d in decodes] + [r["run_dir"]])
+            w.writerow([r[k] for k in fields] + [r["test"].get(d, {}).get(k, "") for k in keys for d in decodes]
+                       + [r["run_dir"]])
 
 
 def markdown(results: dict, plots: dict[str, str], json_link: str, command: str) -> str:
@@ -345,24 +429,30 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
         base = results["base"]
         where = Path(base["checkpoint"])
         where = where.relative_to(results["out"]) if base["checkpoint"].startswith(results["out"]) else where
+        chosen = m if base.get("selected_by", "score") == "score" else "cross-entropy of the references"
         lines += ["## Base", "", f"Checkpoint `{where}`" + ("." if base["val_best"] is None else
-                  f" (best validation {m} {base['val_best']:.2f}; the run stopped at step {base['steps']})."), ""]
-        lines += [markdown_table(["decode", f"test {m}", "test chrF"],
-                                 [[d, f"{base['test'][d]['score']:.2f}", f"{base['test'][d]['chrf']:.2f}"]
+                  f" (best validation {chosen} {base['val_best']:.{2 if chosen == m else 4}f}; the run stopped at "
+                  f"step {base['steps']})."), ""]
+        keys = results.get("test_keys") or {"score": "test", "chrf": "chrf"}
+        lines += [markdown_table(["decode"] + [column_label(n, m) for n in keys.values()],
+                                 [[d] + [f"{base['test'][d][k]:.{digits(n)}f}" for k, n in keys.items()]
                                   for d in decodes]), ""]
     summary = results["summary"]
     for b, arms in summary.items():
         lines += [f"## {b.replace('_', ' ').capitalize()}", ""]
+        names = list((results.get("test_keys") or {"score": "test", "chrf": "chrf"}).values())
         header = ["arm", "steps", "s/step", f"best val {m}"]
         for d in decodes:
-            header += [f"test {m} {d}", "Δ base", f"chrF {d}", "Δ base"]
+            for n in names:
+                header += [f"{column_label(n, m)} {d}", "Δ base"]
         rows = []
         for arm, s in arms.items():
-            row = [ARM_NAMES.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}", fmt(*s["val_best"])]
+            row = [ARM_NAMES.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}",
+                   fmt(*s["val_best"], digits=2 if results.get("higher_is_better", True) else 4)]
             for d in decodes:
-                for name in ("test", "chrf"):
-                    row += [fmt(*s[f"{name}_{d}"]) if f"{name}_{d}" in s else "-",
-                            f"{s[f'{name}_{d}_delta']:+.2f}" if f"{name}_{d}_delta" in s else "-"]
+                for name in names:
+                    row += [fmt(*s[f"{name}_{d}"], digits=digits(name)) if f"{name}_{d}" in s else "-",
+                            f"{s[f'{name}_{d}_delta']:+.{digits(name)}f}" if f"{name}_{d}_delta" in s else "-"]
             rows.append(row)
         lines += [f"Mean ± standard deviation over {len(results['seeds'])} seeds; s/step measured in the arms' "
                   "own runs.", "", markdown_table(header, rows), ""]
@@ -383,6 +473,8 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
             lines += ["MGS diagnostics, averaged over the training steps of all seeds:", "",
                       markdown_table(["arm", "ESS", "weight on guided samples", "best improvement",
                                       "θ's task loss − mean perturbed loss"], diag_rows), ""]
+    if results.get("examples"):
+        lines += examples_markdown(results["examples"])
     if results["verdict"]:
         lines += ["## Verdict", "", "Computed from the numbers above (p < 0.05 per seed counts as significant):", ""]
         lines += [f"- {s}" for s in results["verdict"]] + [""]
@@ -417,7 +509,7 @@ def write_report(results: dict, md: Path, img_dir: Path, json_path: Path, comman
     write_json_atomic(json_path, results)
     written["json"] = json_path
     written["csv"] = json_path.with_suffix(".csv")
-    write_csv(results["runs"], written["csv"], results["decodes"])
+    write_csv(results["runs"], written["csv"], results["decodes"], results.get("test_keys"))
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(results, plots, os.path.relpath(json_path, md.parent), command), encoding="utf-8")
     written["markdown"] = md
