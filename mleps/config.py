@@ -26,21 +26,29 @@ class DataConfig:
     max_eval_examples: Optional[int] = None
     max_source_length: int = 128  # tokens; longer examples are truncated and counted
     max_target_length: int = 128
+    task: str = "pairs"  # pairs: source -> target | completion: continue each document's prefix (docs/completion.md)
+    text_column: Optional[str] = None  # completion: the documents' column (a .txt file: one document per line)
+    prefix_tokens: int = 10  # completion: prompt length in tokens; shorter documents are skipped and counted
+    continuation_tokens: int = 50  # completion: reference continuation, at most this many tokens (+ EOS)
+    loss_on: Optional[str] = None  # decoder-only MLE: all (null: prompt and continuation) | continuation
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # tiny_marian | hf
+    name: str = MISSING  # tiny_marian | tiny_gpt2 | hf
     name_or_path: Optional[str] = None  # hf: hub name or local folder
+    kind: str = "auto"  # hf: auto (from the checkpoint's config) | causal | seq2seq
     source_prefix: str = ""  # T5-style task prompt, e.g. "translate German to English: "
     trust_remote_code: bool = False
-    # tiny_marian: a MarianMTModel built from this config and a BPE tokenizer trained on the data
+    # tiny_marian / tiny_gpt2: a MarianMTModel / GPT2LMHeadModel built from this config and a BPE
+    # tokenizer trained on the data
     vocab_size: int = 8000
     d_model: int = 256
     layers: int = 2
     heads: int = 4
     ffn_dim: int = 1024
     dropout: float = 0.1
+    max_positions: int = 512  # tiny_gpt2: n_positions (prompt + output tokens)
 
 
 @dataclass

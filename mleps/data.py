@@ -2,6 +2,13 @@
 
 Every split becomes three columns: `source` (str), `target` (str, the training label) and
 `references` (list[str]: the target plus any `data.reference_columns`, for evaluation).
+
+data.task=completion reads documents instead (`data.text_column` of a JSONL/CSV/TSV file, or
+one document per non-empty line of a .txt): `load_split` gives each as `source`, and once the
+tokenizer exists `completion_pairs` cuts each into a prefix (`source`, `input_ids`: the first
+data.prefix_tokens tokens) and a reference continuation (`target`, `labels`: up to
+data.continuation_tokens more, then EOS when the document ends there; a continuation cut
+short has none, so a model can learn to stop and "does not stop" stays a defect to measure).
 Training batches are a pure function of (seed, step), so a resumed run sees exactly the
 batches an uninterrupted run would have seen, without replaying the data loader.
 """
@@ -22,7 +29,9 @@ log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
 
 SPLITS = ("train", "validation", "test")
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
+TASKS = ("pairs", "completion")
+LOSS_ON = ("all", "continuation")
 
 
 def data_path(path: str) -> Path:
@@ -46,8 +55,10 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise UserError(f"data file is empty: {path}")
     fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"unsupported data file type '{path.suffix}' for {path}: use .jsonl, .json, .csv or .tsv")
+    completion = data_cfg.get("task", "pairs") == "completion"
+    if fmt is None or (fmt == "text" and not completion):
+        raise UserError(f"unsupported data file type '{path.suffix}' for {path}: use .jsonl, .json, .csv or .tsv"
+                        f"{'' if completion else ' (.txt: with data.task=completion)'}")
     _check_utf8(path)
 
     kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
@@ -57,6 +68,8 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
         raise UserError(f"could not parse {path} as {path.suffix[1:].upper()}: {str(e).splitlines()[0][:200]}") from None
     if len(raw) == 0:
         raise UserError(f"data file has no rows: {path}")
+    if completion:
+        return _documents(raw, data_cfg, split, path)
 
     # Extra references are for evaluation; training splits need not have them (AESLC's train has none).
     extra = list(data_cfg.reference_columns) if split != "train" else []
@@ -97,6 +110,61 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
     return kept
 
 
+def _documents(raw: datasets.Dataset, data_cfg, split: str, path: Path) -> datasets.Dataset:
+    """A completion task's documents as `source` (target and references come with completion_pairs)."""
+    column = "text" if path.suffix.lower() == ".txt" else data_cfg.text_column
+    if column not in raw.column_names or not isinstance(raw.features[column], datasets.Value):
+        raise UserError(f"text column '{column}' not found in {path} (or not text); it has: "
+                        f"{', '.join(raw.column_names)} (set data.text_column)")
+    ds = raw.map(lambda row: {"source": _text(row[column]), "target": "", "references": []},
+                 remove_columns=raw.column_names, desc=f"documents {split}")
+    kept = ds.filter(lambda r: bool(r["source"]))
+    if len(kept) < len(ds):
+        log.warning("%s: skipped %d of %d empty documents", path.name, len(ds) - len(kept), len(ds))
+    if len(kept) == 0:
+        raise UserError(f"every document in column '{column}' of {path} is empty")
+    limit = data_cfg.max_train_examples if split == "train" else data_cfg.max_eval_examples
+    if limit is not None and limit < len(kept):
+        kept = kept.select(range(limit))
+    return kept
+
+
+def completion_pairs(docs: datasets.Dataset, tokenizer, data_cfg, split: str = "train") -> datasets.Dataset:
+    """Documents -> (prefix, continuation) rows; documents with no token after the prefix are skipped
+    and counted. The prefix text is re-encoded the way decoding encodes prompts, so the prompt a model
+    trains on is the prompt it decodes from."""
+    prefix_len, cont_len, eos = data_cfg.prefix_tokens, data_cfg.continuation_tokens, tokenizer.eos_token_id
+
+    def fn(batch):
+        out = {"source": [], "target": [], "references": [], "input_ids": [], "labels": [], "ends_document": []}
+        for ids in tokenizer(batch["source"], add_special_tokens=False)["input_ids"]:
+            if len(ids) <= prefix_len:
+                continue
+            prefix, continuation = ids[:prefix_len], ids[prefix_len:prefix_len + cont_len]
+            ends = len(ids) <= prefix_len + cont_len
+            source = tokenizer.decode(prefix, clean_up_tokenization_spaces=False)
+            target = tokenizer.decode(continuation, clean_up_tokenization_spaces=False).strip()
+            out["source"].append(source)
+            out["target"].append(target)
+            out["references"].append([target] if target else [])
+            out["input_ids"].append(tokenizer(source)["input_ids"])
+            out["labels"].append(continuation + [eos] if ends else continuation)
+            out["ends_document"].append(ends)
+        return out
+
+    pairs = docs.map(fn, batched=True, remove_columns=docs.column_names, desc=f"completion pairs {split}")
+    skipped = len(docs) - len(pairs)
+    if skipped:
+        log.warning("%s: skipped %d of %d documents of at most data.prefix_tokens=%d tokens", split, skipped,
+                    len(docs), prefix_len)
+    if len(pairs) == 0:
+        raise UserError(f"{split}: every document has at most data.prefix_tokens={prefix_len} tokens: "
+                        f"lower data.prefix_tokens")
+    if split != "train":  # a continuation that decodes to no text cannot be scored
+        pairs = pairs.filter(lambda r: bool(r["references"]))
+    return pairs
+
+
 def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
@@ -120,7 +188,10 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
 
 
 def tokenize(ds: datasets.Dataset, tokenizer, data_cfg, source_prefix: str = "") -> datasets.Dataset:
-    """Token ids for source and target, truncated to the configured lengths (and counted)."""
+    """Token ids for source and target, truncated to the configured lengths (and counted). A split
+    that already has them (completion_pairs) is returned as it is."""
+    if "input_ids" in ds.column_names:
+        return ds
     max_src, max_tgt = data_cfg.max_source_length, data_cfg.max_target_length
 
     def fn(batch):
@@ -203,19 +274,15 @@ class BatchStream:
 
 
 class Collator:
-    """Rows -> padded tensors (transformers' DataCollatorForSeq2Seq) plus the raw texts."""
+    """Rows -> the model family's padded tensors (mleps.families) plus the raw texts."""
 
-    def __init__(self, tokenizer, model):
-        from transformers import DataCollatorForSeq2Seq
+    def __init__(self, tokenizer, model, loss_on: str | None = None):
+        from mleps.families import family_for
 
-        self.pad = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, return_tensors="pt")
+        self.pad = family_for(model).collator(tokenizer, model, loss_on)
 
     def __call__(self, rows: dict) -> dict:
-        features = [
-            {"input_ids": i, "attention_mask": [1] * len(i), "labels": l}
-            for i, l in zip(rows["input_ids"], rows["labels"])
-        ]
-        batch = dict(self.pad(features))
+        batch = self.pad(rows)
         batch["sources"] = rows["source"]
         batch["references"] = rows["references"]
         return batch

@@ -7,18 +7,19 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mleps.families import family_for
+
 
 def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
              num_return_sequences: int = 1, temperature: float = 1.0, length_penalty: float = 1.0) -> torch.Tensor:
-    """Output ids (decoder start token first) for a padded batch; the model is put in eval mode."""
+    """Output rows (a start column, the generated tokens, then EOS and padding; never the prompt) for a
+    padded batch, in the model family's layout (mleps.families); the model is put in eval mode."""
     was_training = model.training
     model.eval()
     kwargs = dict(do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-                  num_beams=num_beams, length_penalty=length_penalty)
-    if do_sample:  # leave top-k/top-p at "off" so samples come from p_theta itself
-        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+                  num_beams=num_beams, length_penalty=length_penalty, temperature=temperature)
     with torch.no_grad():
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        out = family_for(model).generate(model, batch, **kwargs)
     model.train(was_training)
     return out
 
@@ -45,8 +46,9 @@ class DecodedBatch:
                     one that emits EOS as its last allowed token is terminated
     references      each row's reference texts
     sources         each row's source text (None when the caller has none)
-    ids             generate's rows as they came (decoder start token first), for model-based losses
-    encoder_inputs  input_ids / attention_mask, row n = the source of output n (model-based losses)
+    ids             generate's rows as they came (start column first), for model-based losses
+    encoder_inputs  input_ids / attention_mask, row n = the source (a decoder-only model's prompt) of
+                    output n, for model-based losses (mleps.families: logits(model, encoder_inputs, ids))
     """
 
     texts: list[str]
@@ -114,12 +116,12 @@ def decode_sources(model, tokenizer, sources: list[str], decode_cfg, *, referenc
     """Yield (dataset indices, DecodedBatch) batch by batch. Sorting by length keeps padding (and time) low."""
     device = next(model.parameters()).device
     eos = eos_ids(model)
+    family = family_for(model)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     size = decode_cfg.batch_size
     for start in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
         idx = order[start:start + size]
-        enc = tokenizer([source_prefix + sources[i] for i in idx], return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_source_length).to(device)
+        enc = family.encode_sources(tokenizer, [source_prefix + sources[i] for i in idx], max_source_length).to(device)
         out = generate(model, enc, max_new_tokens=decode_cfg.max_new_tokens, num_beams=decode_cfg.num_beams,
                        length_penalty=decode_cfg.length_penalty)
         refs = [references[i] for i in idx] if references is not None else [[] for _ in idx]

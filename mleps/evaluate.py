@@ -55,7 +55,9 @@ def adopt_checkpoint_config(cfg, meta: dict, overrides: list[str]) -> None:
 
 def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     """`overrides`: the command line's, to adopt the checkpoint's own config (None: use cfg as it is)."""
-    from mleps.data import Collator, data_path, load_split, tokenize
+    from mleps.data import Collator, completion_pairs, data_path, load_split, tokenize
+    from mleps.families import family_for
+    from mleps.validate import check_family_options
     from mleps.loop import decode_and_score, metric_report, reference_cross_entropy
     from mleps.metrics_config import eval_metrics_from_config, metric_from_config
     from mleps.models import load_checkpoint
@@ -70,13 +72,16 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     for m in metrics:  # lm without metric.score_model scores with the evaluated model itself
         m.bind(model, tokenizer)
     metric = metrics[0]
+    check_family_options(cfg.data, family_for(model).name)
     ds = load_split(cfg.data, cfg.split)
+    if cfg.data.get("task", "pairs") == "completion":
+        ds = completion_pairs(ds, tokenizer, cfg.data, cfg.split)
     prefix = cfg.source_prefix if cfg.source_prefix is not None else meta.get("source_prefix", "")
     hyps, stats = decode_and_score(model, tokenizer, ds["source"], ds["references"], cfg.decode, metrics,
                                    source_prefix=prefix, max_source_length=cfg.data.max_source_length,
                                    progress=cfg.progress, desc=f"decode {cfg.split}")
-    cross_entropy = reference_cross_entropy(model, tokenize(ds, tokenizer, cfg.data, prefix), Collator(tokenizer, model),
-                                            cfg.decode.batch_size)
+    cross_entropy = reference_cross_entropy(model, tokenize(ds, tokenizer, cfg.data, prefix),
+                                            Collator(tokenizer, model, cfg.data.get("loss_on")), cfg.decode.batch_size)
     result = metric_report(metrics, stats, hyps, ds["references"], *cross_entropy)
     out = data_path(cfg.predictions) if cfg.predictions else \
         data_path(cfg.checkpoint) / default_predictions_name(cfg.data, cfg.split)

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
 from mleps.config import MLEConfig
-from mleps.data import BatchStream, Collator, load_split, tokenize
+from mleps.data import BatchStream, Collator, completion_pairs, load_split, tokenize
 from mleps.decoding import decode_sources, decoded_batch, eos_ids
+from mleps.families import family_for
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
 from mleps.losses import require_sentence_form
 from mleps.metrics_config import eval_metrics_from_config, metric_from_config
@@ -41,7 +42,7 @@ from mleps.models import load_checkpoint, load_model_and_tokenizer, num_paramete
 from mleps import distributed
 from mleps.schedules import build_scheduler
 from mleps.trainers import build_rule
-from mleps.validate import validate_train_config
+from mleps.validate import check_family_options, validate_train_config
 from mleps.trainers.base import Shard, label_tokens, token_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,15 @@ class Loop:
                 model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
         self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
         log.info("model: %s, %.1f M parameters", type(model).__name__, num_parameters(model) / 1e6)
+        check_family_options(cfg.data, family_for(model).name)  # model=hf kind=auto / init_from: known now
+        if cfg.data.task == "completion":  # documents -> (prefix, continuation), with the model's tokenizer
+            train_ds = completion_pairs(train_ds, tokenizer, cfg.data, "train")
+            if self.val_ds is not None:
+                self.val_ds = completion_pairs(self.val_ds, tokenizer, cfg.data, "validation")
         self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
         self.val_tokenized = (tokenize(self.val_ds, tokenizer, cfg.data, self.source_prefix)
                               if self.val_ds is not None else None)  # for the references' cross-entropy
-        self.collate = Collator(tokenizer, model)
+        self.collate = Collator(tokenizer, model, cfg.data.loss_on)
         self._check_task_losses()  # before the run dir is touched
         # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
         distributed.on_main_then_broadcast(self.accelerator,
@@ -251,9 +257,7 @@ class Loop:
         """Bind model-based losses to the model as it starts, and score two training references
         with every loss: a custom fn that returns the wrong thing fails here, not at step 1."""
         probe = self.collate(self.train_ds[:2])
-        labels = probe["labels"]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.cat([probe["decoder_input_ids"][:, :1], labels.masked_fill(labels == -100, pad)], 1)
+        ids = family_for(self.model).reference_rows(probe, self.model)
         decoded = decoded_batch(ids.to(self.accelerator.device), self.tokenizer, eos_ids(self.model),
                                 probe["references"], batch={k: (v.to(self.accelerator.device) if torch.is_tensor(v)
                                                                  else v) for k, v in probe.items()})

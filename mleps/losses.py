@@ -162,6 +162,7 @@ class LMScore(TaskLoss):
 
     def _nll(self, decoded) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL summed over each output's tokens, token counts)."""
+        from mleps.families import family_for
         from mleps.trainers.sequences import label_mask
 
         if self.model is None:
@@ -179,8 +180,8 @@ class LMScore(TaskLoss):
                 limit = torch.tensor([len(t) + e for t, e in zip(decoded.token_ids[rows], decoded.ended_with_eos[rows])],
                                      device=ids.device)
                 mask &= torch.arange(labels.shape[1], device=ids.device) < limit.unsqueeze(1)
-                logits = self.model(**{k: v[rows].to(ids.device) for k, v in decoded.encoder_inputs.items()},
-                                    decoder_input_ids=ids[:, :-1]).logits
+                inputs = {k: v[rows].to(ids.device) for k, v in decoded.encoder_inputs.items()}
+                logits = family_for(self.model).logits(self.model, inputs, ids)
                 token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
                                             ignore_index=-100, reduction="none").view_as(labels)
                 nll.append(token_nll.sum(1).cpu())

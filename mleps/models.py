@@ -1,8 +1,11 @@
-"""Models and tokenizers: the embedded tiny Marian, any hub/local seq2seq model, saved checkpoints.
+"""Models and tokenizers: the embedded tiny Marian and tiny GPT-2, any hub/local model, saved checkpoints.
 
-tiny_marian trains a shared byte-level BPE tokenizer on the training split (source and
-target) with `tokenizers`, cached under <cache_dir>/tokenizers/<data fingerprint>, so it is
-trained once per dataset and vocabulary size, then builds a MarianMTModel from a small config.
+tiny_marian and tiny_gpt2 train a byte-level BPE tokenizer on the training split (its source
+and target texts; a completion task's documents) with `tokenizers`, cached under
+<cache_dir>/tokenizers/<data fingerprint>, so it is trained once per dataset, vocabulary size
+and recipe, then build a MarianMTModel / GPT2LMHeadModel from a small config. model=hf loads an
+encoder-decoder (AutoModelForSeq2SeqLM) or a decoder-only model (AutoModelForCausalLM): the
+checkpoint's config says which (`is_encoder_decoder`), or `model.kind=seq2seq|causal`.
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     AutoTokenizer,
     MarianConfig,
     MarianMTModel,
@@ -31,6 +38,10 @@ log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()
 
 TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: invalidates caches
+# tiny_gpt2's: no prefix space and no </s> appended (a prompt must not end with EOS; the completion
+# builder appends it where a document ends)
+CAUSAL_TOKENIZER_RECIPE = "bytelevel-bpe-causal-v1"
+KINDS = ("auto", "causal", "seq2seq")
 MLEPS_META = "mleps.json"  # beside a checkpoint's weights: source prefix and provenance
 
 
@@ -50,17 +61,27 @@ def load_model_and_tokenizer(cfg, train_ds=None):
             raise ValueError("tiny_marian needs the training split to train its tokenizer")
         tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir))
         return tiny_marian(cfg.model, tokenizer), tokenizer, cfg.model.source_prefix
+    if cfg.model.name == "tiny_gpt2":
+        if train_ds is None:
+            raise ValueError("tiny_gpt2 needs the training split to train its tokenizer")
+        tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir), causal=True)
+        return tiny_gpt2(cfg.model, tokenizer), tokenizer, cfg.model.source_prefix
     if cfg.model.name == "hf":
-        return (*from_pretrained(cfg.model.name_or_path, cfg.model.trust_remote_code), cfg.model.source_prefix)
-    raise UserError(f"unknown model '{cfg.model.name}': use model=tiny_marian or model=hf model.name_or_path=NAME")
+        return (*from_pretrained(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.kind),
+                cfg.model.source_prefix)
+    raise UserError(f"unknown model '{cfg.model.name}': use model=tiny_marian, model=tiny_gpt2 or "
+                    f"model=hf model.name_or_path=NAME")
 
 
-def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path) -> PreTrainedTokenizerFast:
-    """A shared source+target byte-level BPE, trained once per (training data, vocab size)."""
-    key = hashlib.sha256(json.dumps([
-        TOKENIZER_RECIPE, vocab_size, _file_digest(data_path(data_cfg.train_file)),
-        data_cfg.source_column, data_cfg.target_column, data_cfg.max_train_examples,
-    ]).encode()).hexdigest()[:16]
+def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path, causal: bool = False) -> PreTrainedTokenizerFast:
+    """A shared source+target byte-level BPE, trained once per (training data, vocab size, recipe).
+    causal: GPT-2's habits, no prefix space and no </s> appended to an encoded text."""
+    recipe = CAUSAL_TOKENIZER_RECIPE if causal else TOKENIZER_RECIPE
+    parts = [recipe, vocab_size, _file_digest(data_path(data_cfg.train_file)),
+             data_cfg.source_column, data_cfg.target_column, data_cfg.max_train_examples]
+    if data_cfg.get("task", "pairs") != "pairs":  # the documents' column, not the pairs' (old keys unchanged)
+        parts += [data_cfg.task, data_cfg.text_column]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     folder = root / "tokenizers" / f"{data_cfg.name}-{vocab_size}-{key}"
     if (folder / "tokenizer.json").is_file():
         log.info("tokenizer: reusing %s", folder)
@@ -70,7 +91,7 @@ def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path) -> PreTrained
 
     log.info("tokenizer: training a %d-token BPE on %d pairs", vocab_size, len(train_ds))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=not causal)
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<unk>", "</s>"]
     trainer = trainers.BpeTrainer(
@@ -80,11 +101,13 @@ def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path) -> PreTrained
 
     def texts():
         for batch in train_ds.iter(batch_size=1000):
-            yield from batch["source"]
-            yield from batch["target"]
+            yield from (t for t in batch["source"] if t)
+            yield from (t for t in batch["target"] if t)  # empty for a completion task's documents
 
     tok.train_from_iterator(texts(), trainer, length=2 * len(train_ds))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    if not causal:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                           special_tokens=[("</s>", tok.token_to_id("</s>"))])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
         clean_up_tokenization_spaces=False,
@@ -124,18 +147,47 @@ def tiny_marian(model_cfg, tokenizer) -> MarianMTModel:
     return model
 
 
-def from_pretrained(name_or_path: str, trust_remote_code: bool = False):
+def tiny_gpt2(model_cfg, tokenizer) -> GPT2LMHeadModel:
+    """A GPT-2 from the same size knobs as tiny_marian: d_model = n_embd, layers = n_layer, ..."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=model_cfg.max_positions, n_embd=model_cfg.d_model,
+        n_layer=model_cfg.layers, n_head=model_cfg.heads, n_inner=model_cfg.ffn_dim,
+        resid_pdrop=model_cfg.dropout, embd_pdrop=model_cfg.dropout, attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    model.generation_config.max_length = None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def model_kind(name_or_path: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
+    """causal | seq2seq: `kind` when given, else what the checkpoint's config says."""
+    if kind not in KINDS:
+        raise UserError(f"model.kind={kind} is not one of: {', '.join(KINDS)}")
+    if kind != "auto":
+        return kind
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def from_pretrained(name_or_path: str, trust_remote_code: bool = False, kind: str = "auto"):
     """Hub name or local folder. Weights are only read from safetensors files."""
     if not name_or_path:
         raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except OSError as e:
+        auto = AutoModelForCausalLM if model_kind(name_or_path, kind, trust_remote_code) == "causal" else \
+            AutoModelForSeq2SeqLM
+        model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as e:  # ValueError: a config the chosen Auto class does not know
         raise UserError(f"could not load model '{name_or_path}': {str(e).splitlines()[0][:300]}") from None
     _check_vocab(model, tokenizer, name_or_path)
+    if not model.config.is_encoder_decoder and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token: its EOS pads (after EOS, unread)
+    if not model.config.is_encoder_decoder and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

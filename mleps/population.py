@@ -198,7 +198,7 @@ def decode(model, batch: dict, size: int, **generate_kwargs) -> list[torch.Tenso
     group alone would return them (trailing columns that only other groups needed are cut)."""
     repeated = {key: batch[key].repeat(size, 1) for key in ("input_ids", "attention_mask")}
     ids = generate(model, repeated, **generate_kwargs)
-    start = 1 if model.config.is_encoder_decoder else batch["input_ids"].shape[1]
+    start = 1  # generate's rows: a start column, then the output (a decoder-only model's prompt removed)
     eos = model.generation_config.eos_token_id
     eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=ids.device)
     return [group[:, :_decoded_length(group, start, eos)] for group in ids.chunk(size)]

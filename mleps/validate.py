@@ -12,7 +12,9 @@ import math
 
 from omegaconf import OmegaConf
 
+from mleps.data import LOSS_ON, TASKS
 from mleps.errors import UserError
+from mleps.models import KINDS
 from mleps.schedules import SCHEDULES
 from mleps.trainers import rule_class
 
@@ -94,8 +96,9 @@ def validate_train_config(cfg, phases) -> None:
         _at_least(data[key], 1, f"data.{key}")
     for key in ("max_source_length", "max_target_length"):  # room for one token and </s>
         _at_least(data[key], 2, f"data.{key}")
+    _check_task(data, cfg.model, cfg.init_from)
     m = cfg.model
-    if m.name == "tiny_marian":
+    if m.name in ("tiny_marian", "tiny_gpt2"):
         for key in ("vocab_size", "d_model", "layers", "heads", "ffn_dim"):
             _at_least(m[key], 1, f"model.{key}")
         if m.d_model % m.heads:
@@ -103,11 +106,22 @@ def validate_train_config(cfg, phases) -> None:
                             f"pick heads that divide it (e.g. {_divisor(m.d_model, m.heads)})")
         if not 0 <= m.dropout < 1:
             raise UserError(f"model.dropout={m.dropout}: use a number in [0, 1)")
+        if m.name == "tiny_gpt2":
+            _at_least(m.max_positions, 2, "model.max_positions")
+            needed = max(data.max_source_length if data.task == "pairs" else data.prefix_tokens, 1) + max(
+                d.max_new_tokens, getattr(main, "max_new_tokens", 0) or 0, data.continuation_tokens + 1)
+            if needed > m.max_positions:
+                raise UserError(f"model.max_positions={m.max_positions} is shorter than a prompt and its output "
+                                f"({needed} tokens: data.prefix_tokens + the longest of decode.max_new_tokens, "
+                                f"trainer.max_new_tokens, data.continuation_tokens + 1): raise model.max_positions")
     elif m.name == "hf":
         if not m.name_or_path and not cfg.init_from:
             raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
+        if m.kind not in KINDS:
+            raise UserError(f"model.kind={m.kind} is not one of: {', '.join(KINDS)}")
     else:
-        raise UserError(f"unknown model '{m.name}': use model=tiny_marian or model=hf model.name_or_path=NAME")
+        raise UserError(f"unknown model '{m.name}': use model=tiny_marian, model=tiny_gpt2 or "
+                        f"model=hf model.name_or_path=NAME")
     if cfg.mixed_precision == "fp16":
         # fp16 needs a loss scaler around every rule's backward (MGS writes .grad itself) and in
         # the checkpoint; bf16 needs neither.
@@ -116,6 +130,51 @@ def validate_train_config(cfg, phases) -> None:
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise UserError(f"unknown mixed_precision '{cfg.mixed_precision}': use one of {', '.join(MIXED_PRECISION)}")
     _finite(cfg.collective_timeout_s, "collective_timeout_s", 0.0, strict=True)
+
+
+def model_family(model_cfg, init_from: str | None = None) -> str | None:
+    """causal | seq2seq as far as the config tells without loading weights (None: read at load time)."""
+    if init_from:
+        return None
+    if model_cfg.name == "tiny_gpt2":
+        return "causal"
+    if model_cfg.name == "tiny_marian":
+        return "seq2seq"
+    return model_cfg.kind if model_cfg.get("kind", "auto") != "auto" else None
+
+
+def _check_task(data, model_cfg, init_from: str | None = None) -> None:
+    """data.task / completion lengths / options that only one model family supports."""
+    if data.task not in TASKS:
+        raise UserError(f"data.task={data.task} is not one of: {', '.join(TASKS)}")
+    if data.loss_on is not None and data.loss_on not in LOSS_ON:
+        raise UserError(f"data.loss_on={data.loss_on} is not one of: {', '.join(LOSS_ON)}")
+    if data.task == "completion":
+        if not data.text_column:
+            raise UserError("data.task=completion needs data.text_column=COLUMN (the documents' text column)")
+        if data.prefix_tokens < 1:
+            raise UserError(f"data.prefix_tokens={data.prefix_tokens}: use 1 or more")
+        if data.continuation_tokens < 1:
+            raise UserError(f"data.continuation_tokens={data.continuation_tokens}: use 1 or more")
+        if data.prefix_tokens > data.max_source_length:
+            raise UserError(f"data.prefix_tokens={data.prefix_tokens} is longer than data.max_source_length="
+                            f"{data.max_source_length} (the prompt limit): raise data.max_source_length")
+    check_family_options(data, model_family(model_cfg, init_from))
+
+
+def check_family_options(data, family: str | None) -> None:
+    """One-family options used with the other family (family None: not known yet, nothing to check)."""
+    if family == "seq2seq":
+        if data.task == "completion":
+            raise UserError("data.task=completion needs a decoder-only model (model=tiny_gpt2, or model=hf with a "
+                            "causal LM such as gpt2): this model is an encoder-decoder")
+        if data.loss_on is not None:
+            raise UserError(f"data.loss_on={data.loss_on} is for decoder-only models (whose input is part of the "
+                            f"text): an encoder-decoder's loss is always on the target; drop data.loss_on")
+    if family == "causal":
+        if data.task != "completion":
+            raise UserError("a decoder-only model trains on data.task=completion (e.g. data=completion): "
+                            "source -> target pairs need an encoder-decoder (model=tiny_marian)")
 
 
 def _divisor(n: int, near: int) -> int:

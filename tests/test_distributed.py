@@ -56,6 +56,9 @@ SCENARIOS = {  # name: (trainer, extra overrides, injection)
     # a new task loss: its statistics are all-reduced in the step and at validation, with secondary metrics
     "mgs_repetition": ("mgs", ["metric=repetition", "metric.n=2", "eval.metrics=[nontermination,length,bleu]"], None),
     "mgs_population_batched": ("mgs", ["trainer.parallel=population", "trainer.decode_population=batched"], None),
+    # a decoder-only model (tiny GPT-2) on the completion task
+    "mgs_causal": ("mgs", ["data=completion", "model=tiny_gpt2", "data.prefix_tokens=5", "data.continuation_tokens=8",
+                           "metric=repetition"], None),
     "mle_no_dropout": ("mle", ["model.dropout=0.0"], None),
     "mgs_no_dropout": ("mgs", ["model.dropout=0.0"], None),
     "diverge": ("mle", [], "diverge"),
@@ -104,7 +107,7 @@ def assert_ok(out, name):
 
 
 @pytest.mark.parametrize("name", ["mle", "pg", "mrt", "mgs", "mgs_population", "mgs_repetition",
-                                  "mgs_population_batched"])
+                                  "mgs_population_batched", "mgs_causal"])
 def test_two_processes_equal_one_process_with_accumulation_bit_for_bit(two_processes, tmp_path, data_dir, name):
     assert_ok(two_processes, name)
     rank0, rank1 = params(two_processes, name, 0), params(two_processes, name, 1)

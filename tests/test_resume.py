@@ -41,12 +41,13 @@ STARTED: list[subprocess.Popen] = []  # killed at teardown if a failed chain lef
 
 
 def small_data_dir(root: Path) -> Path:
-    """The first rows of Multi30k: every run reads (and normalises) its whole training file."""
-    for split, n in (("train", 160), ("validation", 16)):
-        (root / "multi30k").mkdir(parents=True, exist_ok=True)
-        with open(find_data_dir() / "multi30k" / f"{split}.jsonl", encoding="utf-8") as f:
-            rows = [next(f) for _ in range(n)]
-        (root / "multi30k" / f"{split}.jsonl").write_text("".join(rows), encoding="utf-8")
+    """The first rows of Multi30k and AESLC: every run reads (and normalises) its whole training file."""
+    for name in ("multi30k", "aeslc"):
+        for split, n in (("train", 160), ("validation", 16)):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            with open(find_data_dir() / name / f"{split}.jsonl", encoding="utf-8") as f:
+                rows = [next(f) for _ in range(n)]
+            (root / name / f"{split}.jsonl").write_text("".join(rows), encoding="utf-8")
     return root
 
 
@@ -166,6 +167,21 @@ def chain_mgs(tmp_path):
     assert (run / "checkpoints" / "warm_start" / "model.safetensors").is_file()
 
 
+def chain_mgs_causal(tmp_path):
+    """MGS on tiny GPT-2 (completion): SIGKILL in the main phase, resume."""
+    args = ["data=completion", "model=tiny_gpt2", "data.prefix_tokens=5", "data.continuation_tokens=8",
+            "metric=repetition", "trainer=mgs", "trainer.warm_start_steps=2", "trainer.warm_start_eval_every=3",
+            "trainer.max_steps=6", *SAMPLING]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    p_ref, p = start(ref, *args), start(run, *args)
+    kill_at(p, run, 5)  # main phase (MGS) is steps 2-7; saves every 2 steps
+    p.wait()
+    p = start(run, *args, "resume=true")
+    finish(p, run)
+    finish(p_ref, ref)
+    assert_identical(run, ref)
+
+
 def chain_sampling(tmp_path, trainer, sig, sigkill_first: bool):
     args = [f"trainer={trainer}", "trainer.max_steps=7", *SAMPLING]
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -199,6 +215,7 @@ def _importable(trainer: str) -> str | None:
 CHAINS = {
     "mle": chain_mle,
     "mgs": chain_mgs,
+    "mgs_causal": chain_mgs_causal,
     "pg": lambda tmp: chain_sampling(tmp, "pg", signal.SIGTERM, sigkill_first=True),
     "mrt": lambda tmp: chain_sampling(tmp, "mrt", signal.SIGINT, sigkill_first=False),
 }
@@ -208,7 +225,7 @@ CHAINS = {
 def chains(tmp_path_factory, data_dir):
     """Every chain starts at once, in its own thread: each is mostly one process waiting on another,
     so together they keep the cores busy and the module takes about as long as its longest chain."""
-    todo = {name: fn for name, fn in CHAINS.items() if name in ("mle", "mgs") or _importable(name) is None}
+    todo = {name: fn for name, fn in CHAINS.items() if name in ("mle", "mgs", "mgs_causal") or _importable(name) is None}
     pool = ThreadPoolExecutor(max_workers=len(todo))
     futures = {name: pool.submit(fn, tmp_path_factory.mktemp(f"resume_{name}")) for name, fn in todo.items()}
     yield futures
@@ -226,6 +243,10 @@ def test_mle_sigkill_during_save_then_resume_is_bit_identical(chains):
 
 def test_mgs_two_phase_kill_in_warm_start_and_in_main_phase_is_bit_identical(chains):
     chains["mgs"].result()
+
+
+def test_mgs_on_a_causal_lm_resumes_bit_identical(chains):
+    chains["mgs_causal"].result()
 
 
 def test_pg_sigkill_then_sigterm_resume_is_bit_identical(chains):

@@ -18,8 +18,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
+
+from mleps.families import family_for
 
 
 @dataclass(frozen=True)
@@ -104,14 +105,10 @@ def mean_stats(per_micro: list[dict[str, float]]) -> dict[str, float]:
 
 
 def token_cross_entropy(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Token cross-entropy summed over non-padding labels, and the token count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=batch["decoder_input_ids"]).logits
-    labels = batch["labels"]
-    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                               label_smoothing=label_smoothing, reduction="sum")
-    return loss_sum, int((labels != -100).sum())
+    """Token cross-entropy summed over the batch's loss tokens, and their count (mleps.families)."""
+    return family_for(model).token_cross_entropy(model, batch, label_smoothing)
 
 
 def label_tokens(batch: dict) -> int:
-    return int((batch["labels"] != -100).sum())
+    """The tokens token_cross_entropy counts: the labels (and a decoder-only batch's scored prompt tokens)."""
+    return sum(int((batch[k] != -100).sum()) for k in ("labels", "prompt_labels") if k in batch)

@@ -1,8 +1,9 @@
 """Sampled outputs and their log-probabilities, shared by the sequence-level rules (pg, mrt).
 
-`generate` returns rows that start with the decoder start token and, once a row has emitted
-EOS, go on with padding. Read as teacher forcing: decoder inputs are ids[:, :-1], labels
-ids[:, 1:], and a row's labels count up to and including its first EOS.
+`generate` returns rows that start with a start column (the decoder start token; the pad token
+for a decoder-only model, whose prompt is not part of the row) and, once a row has emitted EOS,
+go on with padding. Read as teacher forcing (mleps.families `logits`): labels are ids[:, 1:],
+and a row's labels count up to and including its first EOS.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from mleps.decoding import eos_ids, generate  # noqa: F401  (eos_ids: imported from here by the rules)
 from mleps.errors import UserError
+from mleps.families import family_for
 
 
 def check_sampling_config(cfg) -> None:
@@ -53,8 +55,8 @@ def sequence_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torc
     mask = label_mask(labels, eos)
     if lengths is not None:
         mask &= torch.arange(labels.shape[1], device=ids.device) < (lengths - 1).unsqueeze(1)
-    logits = model(input_ids=batch["input_ids"][source_index], attention_mask=batch["attention_mask"][source_index],
-                   decoder_input_ids=ids[:, :-1]).logits
+    inputs = {k: batch[k][source_index] for k in ("input_ids", "attention_mask")}
+    logits = family_for(model).logits(model, inputs, ids)
     # cross_entropy with ignore_index leaves 0 at padding and never builds a full log-softmax copy.
     token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
                                 ignore_index=-100, reduction="none")

@@ -1,0 +1,172 @@
+"""Model families: everything that differs between encoder-decoder and decoder-only models.
+
+The trainers, the loop, the task losses and evaluation call a family through four verbs and
+never ask which family they hold:
+
+  collate(rows)                     token-id rows -> a padded training batch
+  generate(model, inputs, ...)      output rows in the one format the rest of mleps reads:
+                                    a start column, then the generated tokens, then EOS and padding
+  logits(model, inputs, ids)        teacher-forced logits for such rows, [N, T-1, V], where
+                                    logits[:, t] scores ids[:, t+1] given the source and ids[:, :t+1]
+  token_cross_entropy(model, batch) the MLE loss of a training batch (sum over tokens, token count)
+
+A batch always holds `input_ids` / `attention_mask` (the source, or the prompt) and `labels`
+(the reference output through EOS, -100 as padding). What differs:
+
+  seq2seq  the source is right-padded and encoded; rows start with the decoder start token and
+           are the decoder's inputs (`decoder_input_ids`)
+  causal   the prompt is left-padded, so every row's last prompt token sits in the same column
+           and generation continues all rows from there; a row is the prompt followed by the
+           output, position ids counted from the first real token (what `generate` does). The
+           start column of an output row is the pad token (skipped when decoding text), and
+           `generate`'s prompt columns are removed. `prompt_labels` are the prompt tokens the MLE
+           loss also counts: all but the first (data.loss_on=all, the default) or none
+           (data.loss_on=continuation).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SEQ2SEQ, CAUSAL = "seq2seq", "causal"
+
+
+def unwrap(model):
+    """The model under a DDP wrapper (its config is what tells the family)."""
+    return getattr(model, "module", model)
+
+
+def family_for(model) -> "Family":
+    return Seq2SeqFamily() if unwrap(model).config.is_encoder_decoder else CausalFamily()
+
+
+def pad_id(model) -> int:
+    config = unwrap(model).generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else unwrap(model).config.pad_token_id
+    if pad is None:  # e.g. GPT-2: the first EOS id pads
+        eos = config.eos_token_id
+        pad = eos if isinstance(eos, int) else eos[0]
+    return pad
+
+
+def _sampling_kwargs(kwargs: dict) -> dict:
+    if kwargs.get("do_sample"):  # leave top-k/top-p at "off" so samples come from p_theta itself
+        kwargs.update(top_k=0, top_p=1.0)
+    else:
+        kwargs.pop("temperature", None)
+    return kwargs
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+         reduction: str = "sum") -> torch.Tensor:
+    """Token cross-entropy; -100 labels count nothing (cross_entropy never builds a full log-softmax copy)."""
+    out = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                          label_smoothing=label_smoothing, reduction=reduction)
+    return out if reduction == "sum" else out.view_as(labels)
+
+
+class Family:
+    name: str
+    padding_side: str  # of sources / prompts
+
+    def generate(self, model, inputs: dict, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, model, inputs: dict, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_cross_entropy(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def reference_rows(self, batch: dict, model) -> torch.Tensor:
+        """The batch's references as output rows (start column, labels through EOS, padding)."""
+        labels = batch["labels"]
+        start = torch.full((labels.shape[0], 1), self.start_id(model), dtype=labels.dtype, device=labels.device)
+        return torch.cat([start, labels.masked_fill(labels == -100, pad_id(model))], 1)
+
+    def start_id(self, model) -> int:
+        raise NotImplementedError
+
+    def encode_sources(self, tokenizer, texts: list[str], max_length: int) -> dict:
+        """Sources (or prompts) as a padded batch on the CPU."""
+        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                         padding_side=self.padding_side)
+
+
+class Seq2SeqFamily(Family):
+    name, padding_side = SEQ2SEQ, "right"
+
+    def start_id(self, model) -> int:
+        return unwrap(model).config.decoder_start_token_id
+
+    def generate(self, model, inputs: dict, **kwargs) -> torch.Tensor:
+        return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              **_sampling_kwargs(kwargs))
+
+    def logits(self, model, inputs: dict, ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     decoder_input_ids=ids[:, :-1]).logits
+
+    def token_cross_entropy(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits
+        labels = batch["labels"]
+        return _nll(logits, labels, label_smoothing), int((labels != -100).sum())
+
+    def collator(self, tokenizer, model, loss_on: str | None = None):
+        from transformers import DataCollatorForSeq2Seq
+
+        pad = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, return_tensors="pt")
+
+        def collate(rows: dict) -> dict:
+            return dict(pad([{"input_ids": i, "attention_mask": [1] * len(i), "labels": l}
+                             for i, l in zip(rows["input_ids"], rows["labels"])]))
+        return collate
+
+
+class CausalFamily(Family):
+    name, padding_side = CAUSAL, "left"
+
+    def start_id(self, model) -> int:
+        return pad_id(model)
+
+    def generate(self, model, inputs: dict, **kwargs) -> torch.Tensor:
+        prompt = inputs["input_ids"]
+        out = model.generate(input_ids=prompt, attention_mask=inputs["attention_mask"], pad_token_id=pad_id(model),
+                             **_sampling_kwargs(kwargs))
+        start = torch.full((out.shape[0], 1), pad_id(model), dtype=out.dtype, device=out.device)
+        return torch.cat([start, out[:, prompt.shape[1]:]], 1)  # the prompt is not part of the output
+
+    def _forward(self, model, prompt: torch.Tensor, prompt_mask: torch.Tensor, continuation: torch.Tensor):
+        """Logits of [prompt | continuation]; positions as `generate` counts them (from the first real token)."""
+        ids = torch.cat([prompt, continuation], 1)
+        mask = torch.cat([prompt_mask, torch.ones_like(continuation)], 1)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    def logits(self, model, inputs: dict, ids: torch.Tensor) -> torch.Tensor:
+        width = inputs["input_ids"].shape[1]
+        # The last prompt position scores the first output token: columns width-1 .. end-1.
+        return self._forward(model, inputs["input_ids"], inputs["attention_mask"], ids[:, 1:])[:, width - 1:-1]
+
+    def token_cross_entropy(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        labels = batch["labels"]
+        continuation = labels.masked_fill(labels == -100, pad_id(model))
+        logits = self._forward(model, batch["input_ids"], batch["attention_mask"], continuation)[:, :-1]
+        targets = torch.cat([batch["prompt_labels"][:, 1:], labels], 1)  # logits[:, t] scores token t+1
+        return _nll(logits, targets, label_smoothing), int((targets != -100).sum())
+
+    def collator(self, tokenizer, model, loss_on: str | None = None):
+        pad, prompt_in_loss = pad_id(model), (loss_on or "all") == "all"
+
+        def collate(rows: dict) -> dict:
+            prompts, conts = rows["input_ids"], rows["labels"]
+            width, length = max(map(len, prompts)), max(map(len, conts))
+            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+            labels = torch.tensor([list(c) + [-100] * (length - len(c)) for c in conts], dtype=torch.long)
+            # A prompt token is scored when it has a real token before it (the first one has none).
+            scored = (mask.bool() & torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1).bool()) & prompt_in_loss
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                    "prompt_labels": input_ids.masked_fill(~scored, -100)}
+        return collate
