@@ -190,11 +190,10 @@ def side_by_side(repro, rows: list[dict], n: int = 5) -> list[dict]:
         return []
     read = lambda result: Path(result["predictions"]).read_text(encoding="utf-8").splitlines()  # noqa: E731
     base_result, mgs_result = json.loads(base.read_text()), mgs["test"]["greedy"]
-    ended = lambda result, i: "" if not result.get("ended_with_eos") else " ⏹" * result["ended_with_eos"][i]  # noqa
     out = []
     for i, (prefix, reference) in enumerate(repro.completion_examples()[:n]):
         out.append({"seed": mgs["seed"], "prefix": prefix, "reference": reference,
-                    "mle": read(base_result)[i] + ended(base_result, i), "mgs": read(mgs_result)[i] + ended(mgs_result, i)})
+                    "mle": read(base_result)[i], "mgs": read(mgs_result)[i]})
     return out
 
 
@@ -339,13 +338,12 @@ def digits(name: str) -> int:
 def examples_markdown(examples: list[dict]) -> list[str]:
     lines = ["## Continuations side by side", "",
              f"The first {len(examples)} test prefixes, greedy: the MLE base against MGS (seed "
-             f"{examples[0]['seed']}). `⏹` marks a continuation that ended with EOS; without it, it ran to the "
-             "length limit.", ""]
+             f"{examples[0]['seed']}), whitespace collapsed.", ""]
     for i, e in enumerate(examples, 1):
         cell = lambda text: " ".join(text.split()).replace("|", "\\|") or "(empty)"  # noqa: E731
-        lines += [f"**{i}.** prefix: `{' '.join(e['prefix'].split())}`", "", markdown_table(
-            ["", "continuation"], [["reference", cell(e["reference"])], ["MLE base", cell(e["mle"])],
-                                   ["MGS", cell(e["mgs"])]]), ""]
+        lines += [f"**{i}.** prefix: `{' '.join(e['prefix'].split())}`", "", "| | continuation |", "| --- | --- |",
+                  f"| reference | {cell(e['reference'])} |", f"| MLE base | {cell(e['mle'])} |",
+                  f"| MGS | {cell(e['mgs'])} |", ""]
     return lines
 
 
