@@ -59,7 +59,7 @@ def summarise(events: list[dict], higher_is_better: bool = True) -> dict:
 def format_value(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, int):
+    if isinstance(value, (int, str)):
         return str(value)
     return f"{value:.4g}"
 
