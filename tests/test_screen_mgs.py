@@ -8,13 +8,27 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_CLI, run_cli
+from conftest import REPO, TINY_CLI, compose_cfg, run_cli
+from mleps.loop import make_phases
+from mleps.validate import validate_train_config
 
-pytestmark = pytest.mark.slow  # four real training runs as subprocesses
+sys.path.insert(0, str(REPO / "scripts"))
+from screen_mgs import LEVERS  # noqa: E402
+
 
 RUN = [*TINY_CLI, "data.max_train_examples=64", "trainer.batch_size=8", "decode.max_new_tokens=8"]
 
 
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+def test_every_screen_lever_is_a_valid_config(lever):
+    """The overrides compose against the schema and pass every start-up check (the screen would
+    otherwise fail only when it reaches that lever)."""
+    cfg = compose_cfg("trainer=mgs", "data_dir=/d", "trainer.warm_start_steps=0", "trainer.diagnose_every=5",
+                      *LEVERS[lever])
+    validate_train_config(cfg, make_phases(cfg.trainer))
+
+
+@pytest.mark.slow  # four real training runs as subprocesses
 def test_screen_runs_each_lever_and_tables_the_diagnostics(tmp_path, data_dir):
     rc, _, err = run_cli("mleps.train", "trainer=mle", *RUN, "trainer.max_steps=3", "data.max_eval_examples=8",
                          f"output_dir={tmp_path / 'base'}", cwd=tmp_path)
