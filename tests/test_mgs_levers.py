@@ -2,7 +2,6 @@
 the diagnostic leaves θ, the update and the training trajectory untouched."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from omegaconf import OmegaConf
