@@ -141,6 +141,16 @@ class MGSConfig(TrainerConfig):
     decode_population: str = "sequential"  # sequential: one generate per parameter set | batched: one for all
     apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
     sgd_scale: float = 1.0
+    # Levers on the weights' signal (docs/mgs.md, "Levers"); the defaults are the plain rule.
+    target_ess: Optional[float] = None  # share of the samples in (0, 1]: alpha chosen per step so ESS = share x K
+    weighting: str = "boltzmann"  # boltzmann: exp(-(C_k - C_0)/alpha) | rank: softmax of -rank_k/alpha, ranks in [0, 1]
+    antithetic: bool = False  # mirrored pairs Delta and -Delta around the same centre (K even)
+    scoring_batch_size: Optional[int] = None  # rows decoded and scored per micro-batch (>= batch_size, the guide's)
+    perturb_params: str = "all"  # the tensors the noise perturbs: all | norms_biases (1-d tensors) | output
+    guide_params: str = "all"  # all: other tensors move along the weighted guide | perturbed: only the searched move
+    line_search_scales: List[float] = field(default_factory=list)  # extra noiseless samples at s x mu, e.g. [0.5,1,2,4]
+    diagnose_every: Optional[int] = None  # every N steps: held-out rank agreement, taken vs blind step (null = off)
+    diagnose_examples: int = 64  # the first N validation examples, the diagnostic's fixed held-out batch
 
 
 @dataclass

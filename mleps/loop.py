@@ -280,7 +280,11 @@ class Loop:
         rule = build_rule(tcfg.name, cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
                           accelerator=self.accelerator, seed=self.cfg.seed)
         rule.optimizer = optimizer  # rules that centre proposals on the optimizer's next step read it
-        stream = BatchStream(self.train_ds, tcfg.batch_size, self.cfg.seed, self.accelerator.process_index,
+        if tcfg.get("diagnose_every") and self.val_tokenized is not None:  # MGS's held-out diagnostic batch
+            rows = self.collate(self.val_tokenized[:tcfg.diagnose_examples])
+            rule.diagnostic_batch = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v)
+                                     for k, v in rows.items()}
+        stream = BatchStream(self.train_ds, rule.rows_per_micro_batch, self.cfg.seed, self.accelerator.process_index,
                              self.accelerator.num_processes, tcfg.gradient_accumulation_steps)
         return model, optimizer, scheduler, rule, stream
 

@@ -26,6 +26,16 @@ Symbols and the names that hold them
 
 The update is Δθ* = Σ_k w_k Δ_k.
 
+Levers on the weights and the samples (docs/mgs.md, "Levers")
+-------------------------------------------------------------
+    antithetic      samples come in mirrored pairs (z, -z) around the same centre: Δ = c μ ± σ z
+    line search     L extra samples Δ = s μ, no noise, one per scale s in ``line_search_scales``
+    weighting       "boltzmann": l_k as it is; "rank": l_k replaced by its rank among the samples,
+                    scaled to [0, 1] (best 0, ties share a rank), so α is in units of "the whole
+                    range of ranks" and the weights are a softmax over ranks
+    target ESS      ``temperature_for_ess`` picks α per step by bisection so ESS(w) = target
+    diagnostics     ``spearman`` (rank agreement of two batches' losses), ``effective_sample_size``
+
 High level
 ----------
     delta, info = estimate_update(params, task_loss, guide, config, generator)
@@ -93,6 +103,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 PROPOSALS = ("zero", "guided", "mixture")
+WEIGHTINGS = ("boltzmann", "rank")
 DENSITIES = ("fixed_norm", "exact", "mgs_reference", "none")
 NOISE_MODES = ("relative", "constant")
 DEFAULT_TEMPERATURE = 0.01  # the MGS reference default β = 100
@@ -114,11 +125,16 @@ class SearchConfig:
     noise_mode: str = "relative"
     guide_scale: float = 1.0
     stratify_components: bool = True
+    antithetic: bool = False  # mirrored pairs (z, -z) around the same centre; K even
+    line_search_scales: Tuple[float, ...] = ()  # extra noiseless samples at s·μ, one per scale s
+    weighting: str = "boltzmann"  # boltzmann: losses as they are | rank: losses -> ranks in [0, 1]
+    target_ess: Optional[float] = None  # share of the samples in (0, 1]: α chosen per step so ESS = share·K
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
-        for name, allowed in (("density", DENSITIES), ("proposal", PROPOSALS), ("noise_mode", NOISE_MODES)):
+        for name, allowed in (("density", DENSITIES), ("proposal", PROPOSALS), ("noise_mode", NOISE_MODES),
+                              ("weighting", WEIGHTINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
@@ -139,9 +155,26 @@ class SearchConfig:
                 " set only one of them"
             )
 
+        if self.target_ess is not None and not (0.0 < self.target_ess <= 1.0):
+            raise ValueError(f"target_ess must be a share of the samples in (0, 1], got {self.target_ess!r}")
+        self.line_search_scales = tuple(float(x) for x in self.line_search_scales)
+        if not all(math.isfinite(x) for x in self.line_search_scales):
+            raise ValueError(f"line_search_scales must be finite numbers, got {list(self.line_search_scales)}")
+        if self.line_search_scales and self.density not in ("fixed_norm", "none"):
+            raise ValueError(f"line_search_scales put point masses next to Gaussian samples: use them with "
+                             f"density fixed_norm or none, not {self.density!r}")
+        if self.antithetic:
+            if self.num_samples % 2:
+                raise ValueError(f"antithetic pairs need an even num_samples, got {self.num_samples}")
+            if self.proposal == "mixture" and self.stratify_components and _stratified_zero_count(self) % 2:
+                raise ValueError(f"antithetic pairs need an even number of zero-centred samples: "
+                                 f"mixture_weight x num_samples = {self.mixture_weight} x {self.num_samples} "
+                                 f"gives {_stratified_zero_count(self)}")
+
     @property
     def needs_guide(self) -> bool:
-        return self.proposal != "zero" or self.noise_mode == "relative" or self.density == "mgs_reference"
+        return (self.proposal != "zero" or self.noise_mode == "relative" or self.density == "mgs_reference"
+                or bool(self.line_search_scales))
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,9 @@ class Sample:
 
     perturbation_seed: int
     component: int  # 0 = zero-centred, 1 = guided
+    sign: int = 1  # -1: the mirror image of the +1 sample with the same seed (antithetic pairs)
+    noise: bool = True  # False: a line-search sample, Δ = mean_scale · μ exactly
+    mean_scale: float = 1.0  # s: the guided centre is s·μ (1 for noise samples)
 
 
 @dataclass(frozen=True)
@@ -170,19 +206,22 @@ class PerturbationStats:
 
 def draw_samples(config: SearchConfig, generator: Optional[torch.Generator] = None) -> List[Sample]:
     """K seeds and components; deterministic given ``generator``'s state (global RNG if None)."""
-    count = config.num_samples
+    pairs = 2 if config.antithetic else 1
+    count = config.num_samples // pairs  # distinct noise draws
     seeds = torch.randint(0, 2**63 - 1, (count,), generator=generator, dtype=torch.int64).tolist()
     if config.proposal == "zero":
         components = [0] * count
     elif config.proposal == "guided":
         components = [1] * count
     elif config.stratify_components:
-        zero_count = _stratified_zero_count(config)
+        zero_count = _stratified_zero_count(config) // pairs
         components = [0] * zero_count + [1] * (count - zero_count)
     else:
         draws = torch.rand(count, generator=generator, dtype=torch.float64)
         components = (draws >= config.mixture_weight).long().tolist()
-    return [Sample(seed, component) for seed, component in zip(seeds, components)]
+    signs = (1, -1) if config.antithetic else (1,)
+    samples = [Sample(seed, component, sign) for seed, component in zip(seeds, components) for sign in signs]
+    return samples + [Sample(0, 1, 1, noise=False, mean_scale=scale) for scale in config.line_search_scales]
 
 
 def regenerate_noise(sample: Sample, tensor_index: int, like: torch.Tensor, config: SearchConfig) -> torch.Tensor:
@@ -192,6 +231,8 @@ def regenerate_noise(sample: Sample, tensor_index: int, like: torch.Tensor, conf
     noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
     if config.density == "fixed_norm" and noise.numel() > 0:
         noise.mul_(math.sqrt(noise.numel()) / noise.norm())
+    if sample.sign == -1:
+        noise.neg_()
     return noise
 
 
@@ -214,9 +255,12 @@ def apply_perturbation_(
     with torch.no_grad():
         for index, param in enumerate(params):
             noise_scale = noise_scales[index]
-            if noise_scale == 0.0:  # relative mode, all-zero guide tensor: μ_j = 0 and no noise
+            if noise_scale == 0.0:  # relative mode, all-zero guide tensor (μ_j = 0), or a tensor outside the search
                 continue
-            noise = regenerate_noise(sample, index, param, config).flatten()
+            if sample.noise:
+                noise = regenerate_noise(sample, index, param, config).flatten()
+            else:  # a line-search sample: no noise
+                noise = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
             delta = noise * noise_scale
             mean = _guided_mean(config, guide, index)
             if mean is None:
@@ -224,7 +268,7 @@ def apply_perturbation_(
             else:
                 mean = mean.flatten()
                 if sample.component == 1:
-                    delta.add_(mean)
+                    delta.add_(mean, alpha=sample.mean_scale)
                 noise_dot_mean, mean_sq_norm = torch.dot(noise, mean), torch.dot(mean, mean)
                 delta_dot_mean = torch.dot(delta, mean)
             param.add_(delta.view_as(param).to(param.dtype))
@@ -254,7 +298,10 @@ def importance_weights(
     base_loss: float,
     stats: Sequence[PerturbationStats],
 ) -> Tuple[torch.Tensor, dict]:
-    """Normalised float64 log-weights (K,) from losses l(θ+Δ_k) and l(θ), plus diagnostics."""
+    """Normalised float64 log-weights (K,) from losses l(θ+Δ_k) and l(θ), plus diagnostics.
+
+    With ``config.target_ess`` set, α is chosen for this step by ``temperature_for_ess``
+    (config.temperature is ignored); info["temperature"] is the α used."""
     if not (len(samples) == len(losses) == len(stats)) or not samples:
         raise ValueError(f"need equally many samples, losses and stats (>0), got {len(samples)}, {len(losses)}, {len(stats)}")
     losses = torch.tensor([float(loss) for loss in losses], dtype=torch.float64)
@@ -269,7 +316,11 @@ def importance_weights(
     )
     # Subtract first, then divide: the difference is what α scales, and it keeps
     # losses 1e4/α apart finite before the logsumexp.
-    log_unnormalised = -(losses - base_loss) / config.temperature - log_density
+    excess = rank_losses(losses) if config.weighting == "rank" else losses - base_loss
+    temperature = config.temperature
+    if config.target_ess is not None:
+        temperature = temperature_for_ess(excess, log_density, config.target_ess * len(samples))
+    log_unnormalised = -excess / temperature - log_density
     if torch.isneginf(log_unnormalised).all():
         raise ValueError("every perturbed loss is +inf: no sample carries weight")
     log_weights = log_unnormalised - torch.logsumexp(log_unnormalised, 0)
@@ -281,12 +332,86 @@ def importance_weights(
         "log_weights": log_weights,
         "log_proposal_density": log_density,
         "components": components,
-        "ess": float(torch.exp(-torch.logsumexp(2 * log_weights, 0))),
+        "temperature": temperature,
+        "ess": effective_sample_size(log_weights),
         "weight_entropy": float(-(weights * log_weights).nan_to_num(0.0).sum()),
         "guided_weight": float(weights[components == 1].sum()),
+        "line_search_weight": float(sum(w for w, s in zip(weights.tolist(), samples) if not s.noise)),
         "noise_norm": sum(st.delta_norm for st in stats) / len(stats),
     }
     return log_weights, info
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> float:
+    """1 / Σ w_k² of normalised log-weights: K for uniform weights, 1 when one sample has them all."""
+    return float(torch.exp(-torch.logsumexp(2 * log_weights, 0)))
+
+
+def temperature_for_ess(excess: torch.Tensor, log_density: torch.Tensor, target: float,
+                        iterations: int = 100) -> float:
+    """α such that the weights w_k ∝ exp(-excess_k/α - log_density_k) have ESS = ``target``.
+
+    Bisection on log α in [1e-12, 1e12]·scale (scale = the largest |excess|): ESS runs from the
+    number of tied best samples (α → 0) to the ESS of exp(-log_density) alone (α → ∞), and is
+    increasing in α in between whenever log_density is constant, as with fixed_norm and a
+    stratified proposal.  A target outside that range gives the nearest end.  All losses equal:
+    α is irrelevant and 1.0 is returned."""
+    excess = excess.to(torch.float64)
+    log_density = log_density.to(torch.float64)
+    finite = excess[torch.isfinite(excess)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    if scale == 0.0 or float(finite.max() - finite.min()) == 0.0:
+        return 1.0
+
+    def ess(log_alpha: float) -> float:
+        log_w = -excess / math.exp(log_alpha) - log_density
+        return effective_sample_size(log_w - torch.logsumexp(log_w, 0))
+
+    low, high = math.log(scale * 1e-12), math.log(scale * 1e12)
+    if ess(high) <= target:
+        return math.exp(high)
+    if ess(low) >= target:
+        return math.exp(low)
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        if ess(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return math.exp(0.5 * (low + high))
+
+
+def rank_losses(losses: torch.Tensor) -> torch.Tensor:
+    """Ranks of the losses scaled to [0, 1]: the best 0, the worst 1, ties share their mean rank;
+    +inf stays +inf.  One sample, or all equal: zeros."""
+    losses = losses.to(torch.float64)
+    ranks = average_ranks(losses)
+    finite = torch.isfinite(losses)
+    top = float(ranks[finite].max()) if finite.any() else 0.0
+    scaled = ranks / top if top > 0 else torch.zeros_like(ranks)
+    return torch.where(finite, scaled, torch.full_like(scaled, math.inf))
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """0-based ranks in ascending order; tied values share the mean of their ranks (float64)."""
+    values = values.to(torch.float64)
+    order = torch.argsort(values, stable=True)
+    ranks = torch.empty_like(values)
+    sorted_values = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_values[end] != sorted_values[start]:
+            ranks[order[start:end]] = (start + end - 1) / 2.0
+            start = end
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN when either side is constant."""
+    ra, rb = average_ranks(torch.tensor(list(a))), average_ranks(torch.tensor(list(b)))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float(ra @ rb) / denominator if denominator > 0 else math.nan
 
 
 def write_update_(
@@ -297,12 +422,14 @@ def write_update_(
     log_weights: torch.Tensor,
     noise_scales: Optional[Sequence[float]] = None,
 ) -> float:
-    """out[j] ← Σ_k w_k Δ_kj by regeneration; ``out`` may alias ``guide``.  Returns ‖Δθ*‖."""
+    """out[j] ← Σ_k w_k Δ_kj by regeneration; ``out`` may alias ``guide``.  Returns ‖Δθ*‖.
+
+    A tensor with σ_j = 0 gets Σ_k w_k c_k s_k μ_j: its share of the weighted guided centre."""
     _check_guide(out, guide, config)
     if noise_scales is None:  # read every σ_j before out[j] is overwritten: out may be guide
         noise_scales = compute_noise_scales(config, guide, len(out))
     weights = log_weights.exp().tolist()
-    guided_weight = sum(w for w, s in zip(weights, samples) if s.component == 1)
+    mean_coefficient = sum(w * s.mean_scale for w, s in zip(weights, samples) if s.component == 1)
     device = out[0].device if len(out) else torch.device("cpu")
     sq_norm = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -310,11 +437,11 @@ def write_update_(
             noise_scale = noise_scales[index]
             mean = _guided_mean(config, guide, index)  # read μ_j before target[j] is overwritten
             total = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
-            if mean is not None and guided_weight != 0.0:
-                total.add_(mean, alpha=guided_weight)
+            if mean is not None and mean_coefficient != 0.0:
+                total.add_(mean, alpha=mean_coefficient)
             if noise_scale != 0.0:
                 for weight, sample in zip(weights, samples):
-                    if weight != 0.0:
+                    if weight != 0.0 and sample.noise:
                         total.add_(regenerate_noise(sample, index, target, config), alpha=weight * noise_scale)
             target.copy_(total)
             sq_norm += torch.dot(total.flatten(), total.flatten()).double()
@@ -404,7 +531,12 @@ def _log_proposal_density(config: SearchConfig, sample: Sample, stats: Perturbat
     if config.density == "none":
         return 0.0
     if config.density == "fixed_norm":
-        return _log(zero_share if sample.component == 0 else 1.0 - zero_share)
+        # shares of the three groups: zero-centred, guided noise and line-search samples
+        lines = len(config.line_search_scales)
+        noise_share = config.num_samples / (config.num_samples + lines)
+        if not sample.noise:
+            return _log(1.0 - noise_share)
+        return _log(noise_share * (zero_share if sample.component == 0 else 1.0 - zero_share))
     if config.density == "mgs_reference":
         dist_zero = stats.delta_sq_norm
         dist_guided = stats.delta_sq_norm - 2.0 * stats.delta_dot_mean + stats.mean_sq_norm

@@ -289,3 +289,97 @@ def test_beta_is_inverse_temperature_and_guide_is_required():
     assert SearchConfig(temperature=0.5, beta=2.0).temperature == 0.5
     with pytest.raises(ValueError, match="guide"):
         estimate_update([torch.zeros(3)], lambda p: 0.0, None, SearchConfig())
+
+
+# -- levers: target ESS, rank weighting, antithetic pairs, line search ---------------------------
+
+def test_temperature_for_ess_matches_the_two_sample_closed_form():
+    """Two samples, losses 0 and d, constant density: w = (p, 1-p) with p = 1/(1+e^{-d/α}) and
+    ESS = 1/(p² + (1-p)²).  For ESS = 1.5: p² + (1-p)² = 2/3, p = (1 + 1/√3)/2, α = d / log(p/(1-p))."""
+    from mleps.search import temperature_for_ess
+
+    d = 0.02
+    p = (1 + 1 / math.sqrt(3)) / 2
+    expected = d / math.log(p / (1 - p))
+    alpha = temperature_for_ess(torch.tensor([0.0, d], dtype=torch.float64), torch.zeros(2), 1.5)
+    assert alpha == pytest.approx(expected, rel=1e-6)
+    # out-of-range targets give the nearest end: uniform (α huge) or all on the best (α tiny)
+    assert temperature_for_ess(torch.tensor([0.0, d]), torch.zeros(2), 2.0) > 1e6 * d
+    assert temperature_for_ess(torch.tensor([0.0, d]), torch.zeros(2), 0.5) < 1e-6 * d
+
+
+def test_target_ess_weights_hit_the_target():
+    config = SearchConfig(num_samples=8, proposal="zero", noise_mode="constant", target_ess=0.5)
+    samples = draw_samples(config, generator(0))
+    losses = [0.5 + 0.01 * k * (-1) ** k for k in range(8)]
+    stats = [PerturbationStats(1.0, 0.0, 0.0, 1.0, 0.0, 0.0)] * 8
+    _, info = importance_weights(config, samples, losses, 0.5, stats)
+    assert info["ess"] == pytest.approx(4.0, rel=1e-6)
+    assert info["temperature"] != config.temperature
+
+
+def test_rank_weighting_is_a_softmax_over_ranks_and_ignores_loss_scale():
+    from mleps.search import rank_losses
+
+    # ranks 0..3 with a tie at 0.3 (ranks 1 and 2 -> 1.5), scaled by the top rank 3
+    assert rank_losses(torch.tensor([0.3, 0.1, 0.3, 0.9])).tolist() == pytest.approx([0.5, 0.0, 0.5, 1.0])
+    config = SearchConfig(num_samples=4, proposal="zero", noise_mode="constant", weighting="rank", temperature=0.5)
+    samples = draw_samples(config, generator(0))
+    stats = [PerturbationStats(1.0, 0.0, 0.0, 1.0, 0.0, 0.0)] * 4
+    small, _ = importance_weights(config, samples, [0.50, 0.49, 0.51, 0.52], 0.5, stats)
+    large, _ = importance_weights(config, samples, [0.5, 0.1, 0.9, 30.0], 0.5, stats)
+    assert torch.allclose(small, large)  # same order, same weights
+    expected = torch.softmax(-torch.tensor([1 / 3, 0.0, 2 / 3, 1.0], dtype=torch.float64) / 0.5, 0)
+    assert torch.allclose(small.exp(), expected)
+
+
+def test_antithetic_pairs_mirror_the_noise_around_the_same_centre():
+    config = SearchConfig(num_samples=4, proposal="mixture", noise_mode="constant", noise_scale=0.1,
+                          antithetic=True, guide_scale=1.0)
+    samples = draw_samples(config, generator(0))
+    assert [(s.component, s.sign) for s in samples] == [(0, 1), (0, -1), (1, 1), (1, -1)]
+    assert samples[0].perturbation_seed == samples[1].perturbation_seed
+    guide = [torch.randn(3, 2, generator=generator(1))]
+    deltas = []
+    for sample in samples:
+        params = [torch.zeros(3, 2)]
+        apply_perturbation_(params, guide, config, sample)
+        deltas.append(params[0])
+    assert torch.allclose(deltas[0], -deltas[1])
+    centre = -guide[0]
+    assert torch.allclose(deltas[2] - centre, -(deltas[3] - centre), atol=1e-6)
+    # equal weights on a pair cancel its noise: the update is the weighted centre
+    out = [torch.zeros(3, 2)]
+    write_update_(out, guide, config, samples, torch.full((4,), math.log(0.25), dtype=torch.float64))
+    assert torch.allclose(out[0], 0.5 * centre, atol=1e-6)
+    with pytest.raises(ValueError, match="even"):
+        SearchConfig(num_samples=3, antithetic=True)
+
+
+def test_line_search_samples_sit_on_the_guide_and_carry_the_update():
+    """A loss minimised at 2μ along the guide: the line-search sample s = 2 wins and the update is
+    (almost) 2μ; with fixed_norm the line samples' density is their share of all samples."""
+    guide = [torch.tensor([1.0, -2.0, 0.5])]
+    target = -2.0 * guide[0]
+
+    def task_loss(params):
+        return float((params[0] - target).square().sum())
+
+    config = SearchConfig(num_samples=4, proposal="mixture", noise_mode="constant", noise_scale=0.3,
+                          line_search_scales=(0.5, 1.0, 2.0, 4.0), temperature=0.01)
+    samples = draw_samples(config, generator(0))
+    assert len(samples) == 8 and [s.mean_scale for s in samples if not s.noise] == [0.5, 1.0, 2.0, 4.0]
+    delta, info = estimate_update([torch.zeros(3)], task_loss, guide, config, generator(0))
+    assert torch.allclose(delta[0], target, atol=1e-3)
+    assert info["line_search_weight"] > 0.99
+    with pytest.raises(ValueError, match="line_search_scales"):
+        SearchConfig(density="exact", line_search_scales=(1.0,))
+
+
+def test_spearman_known_values():
+    from mleps.search import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))

@@ -69,6 +69,11 @@ class UpdateRule:
         phase (mleps.validate), before anything is written, and again when the rule is built."""
 
     @property
+    def rows_per_micro_batch(self) -> int:
+        """Rows the loop draws per micro-batch (MGS may score more rows than its guide uses)."""
+        return self.cfg.batch_size
+
+    @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 

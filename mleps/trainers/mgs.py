@@ -34,6 +34,17 @@ all-reduced once per step, so every process computes the same K+1 losses, weight
 trainer.parallel says who decodes what:
   data        every process decodes its shard of the global batch under all K perturbations
   population  every process decodes the whole global batch under its share (k mod W) of them
+
+Levers on the weights (docs/mgs.md, "Levers"): target_ess, weighting, antithetic and
+line_search_scales live in mleps.search; scoring_batch_size gives the decodes more rows than
+the guide (the guide uses the first batch_size rows of each micro-batch); perturb_params limits
+the noise to a subset of tensors (σ_j = 0 elsewhere, so those tensors move by the weighted
+guided centre, Σ_k w_k c_k s_k μ_j, or not at all with guide_params=perturbed).
+
+trainer.diagnose_every: every N steps, before the update is written, the same samples are also
+scored on a fixed held-out batch (the first diagnose_examples validation rows, decoded whole
+by every process), and θ+Δθ* and θ+Δθ_blind (uniform weights over the same samples) are scored
+there; θ is restored from the backup bit for bit, and nothing the update reads is touched.
 """
 from __future__ import annotations
 
@@ -51,8 +62,10 @@ from mleps import population as batched_decoding
 from mleps.decoding import decoded_batch, eos_ids, generate
 from mleps.errors import UserError
 from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
-                          importance_weights, write_update_)
-from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
+                          importance_weights, spearman, write_update_)
+from mleps.trainers.base import Shard, UpdateRule, label_tokens, token_cross_entropy
+
+PERTURB_PARAMS = ("all", "norms_biases", "output")
 
 
 def search_config(cfg) -> SearchConfig:
@@ -61,6 +74,8 @@ def search_config(cfg) -> SearchConfig:
             num_samples=cfg.num_samples, density=cfg.density, temperature=cfg.temperature, beta=cfg.beta,
             proposal=cfg.proposal, mixture_weight=cfg.mixture_weight, noise_scale=cfg.noise_scale,
             noise_mode=cfg.noise_mode, guide_scale=cfg.guide_scale if cfg.guide == "scaled" else 1.0,
+            antithetic=cfg.antithetic, line_search_scales=tuple(cfg.line_search_scales), weighting=cfg.weighting,
+            target_ess=cfg.target_ess,
         )
     except ValueError as e:
         raise UserError(f"trainer: {e}") from None
@@ -81,6 +96,8 @@ class MGS(UpdateRule):
         self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
         if cfg.decode_population == "batched":  # a model with a module it cannot stack fails here, at start
             batched_decoding.check_supported(self.unwrapped, self._params(self.unwrapped))
+        self.searched = self._searched_tensors(self.unwrapped)  # per trainable tensor: does the noise move it
+        self.diagnostic_batch: dict | None = None  # set by the loop when trainer.diagnose_every is on
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -98,6 +115,20 @@ class MGS(UpdateRule):
         if cfg.decode_population == "batched" and (cfg.decode != "greedy" or cfg.perturb != "inplace"):
             raise UserError("trainer.decode_population=batched decodes greedily from stacked parameters: use it "
                             "with trainer.decode=greedy trainer.perturb=inplace, or decode_population=sequential")
+        for key, allowed in (("perturb_params", PERTURB_PARAMS), ("guide_params", ("all", "perturbed"))):
+            if cfg[key] not in allowed:
+                raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
+        if cfg.scoring_batch_size is not None and cfg.scoring_batch_size < cfg.batch_size:
+            raise UserError(f"trainer.scoring_batch_size={cfg.scoring_batch_size} is below trainer.batch_size="
+                            f"{cfg.batch_size}: the scored rows include the guide's; use null or >= batch_size")
+        if cfg.diagnose_every is not None and cfg.diagnose_every < 1:
+            raise UserError(f"trainer.diagnose_every={cfg.diagnose_every}: use 1 or more, or null (off)")
+        if cfg.diagnose_examples < 1:
+            raise UserError(f"trainer.diagnose_examples={cfg.diagnose_examples}: use 1 or more")
+
+    @property
+    def rows_per_micro_batch(self) -> int:  # the loop draws this many rows; the guide uses batch_size of them
+        return self.cfg.scoring_batch_size or self.cfg.batch_size
 
     @property
     def needs_every_micro_batch(self) -> bool:  # population search decodes the whole global batch
@@ -106,6 +137,37 @@ class MGS(UpdateRule):
     # -- helpers -----------------------------------------------------------------
     def _params(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def _searched_tensors(self, model) -> list[bool]:
+        """trainer.perturb_params as one flag per trainable tensor (in _params order).
+        norms_biases: the 1-d tensors (layer-norm gains and biases, linear biases);
+        output: the output projection's weight (tied to the input embeddings in Marian, so those move too)."""
+        params = self._params(model)
+        which = self.cfg.perturb_params
+        if which == "all":
+            return [True] * len(params)
+        if which == "norms_biases":
+            flags = [p.dim() == 1 for p in params]
+        else:
+            output = model.get_output_embeddings()
+            ids = {id(p) for p in output.parameters()} if output is not None else set()
+            flags = [id(p) in ids for p in params]
+        if not any(flags):
+            raise UserError(f"trainer.perturb_params={which} selects no trainable tensor of this model")
+        return flags
+
+    def _guide_rows(self, micro_batches):
+        """Each micro-batch cut to its first batch_size rows, with the global batch's token and source
+        counts recounted for them (trainer.scoring_batch_size: the decodes get the whole micro-batch)."""
+        rows = self.cfg.batch_size
+        if self.rows_per_micro_batch == rows:
+            return micro_batches
+        cut = [(shard, {k: v[:rows] for k, v in batch.items()}) for shard, batch in micro_batches]
+        own = [batch for shard, batch in cut if shard.local]
+        tokens, examples = distributed.sum_ints(self.accelerator, [sum(label_tokens(b) for b in own),
+                                                                   sum(len(b["references"]) for b in own)])
+        return [(Shard(index=s.index, processes=s.processes, tokens=tokens, examples=examples, local=s.local), b)
+                for s, b in cut]
 
     def _decode(self, model, batch: dict, seed: int) -> torch.Tensor:
         """The batch's output ids under `model` (greedy, or sampled with the same noise for every model)."""
@@ -170,7 +232,7 @@ class MGS(UpdateRule):
         # -- guide: the cross-entropy gradient on the same batch, identical on every process
         t0 = time.perf_counter()
         model.train()
-        cross_entropy, guide_norm = self._guide(micro_batches, step, params)
+        cross_entropy, guide_norm = self._guide(self._guide_rows(micro_batches), step, params)
         if not math.isfinite(guide_norm):  # g is all-reduced, so every process returns here together
             return {"loss": float("nan"), "cross_entropy": cross_entropy, "guide_norm": guide_norm}
         guide = [p.grad for p in params]
@@ -178,6 +240,7 @@ class MGS(UpdateRule):
         if cfg.guide == "optimizer":
             self._optimizer_step_as_guide(params, backup)
         noise_scales = compute_noise_scales(self.search, guide, len(guide))  # σ_j: once per step, one sync
+        noise_scales = [scale if searched else 0.0 for scale, searched in zip(noise_scales, self.searched)]
         times["gradient_s"] = time.perf_counter() - t0
 
         # -- perturb, decode, score: C(θ) on this process's own micro-batches, and every sample on every
@@ -207,20 +270,88 @@ class MGS(UpdateRule):
         log_weights, info = importance_weights(self.search, samples, losses, base_loss, stats)
         times["score_s"] = time.perf_counter() - t0
 
+        diagnostics = {}
+        if cfg.diagnose_every and (step + 1) % cfg.diagnose_every == 0:
+            t0 = time.perf_counter()
+            diagnostics = self._diagnose(model, params, guide, samples, losses, log_weights, noise_scales, step)
+            diagnostics["diagnose_s"] = time.perf_counter() - t0
+
         # -- update: Δθ* into .grad, negated so that a descending optimizer moves along Δθ*
         t0 = time.perf_counter()
-        update_norm = write_update_(guide, guide, self.search, samples, log_weights, noise_scales)
+        update_norm = self._write_update(guide, guide, samples, log_weights, noise_scales)
         with torch.no_grad():
             for g in guide:
                 g.neg_()
         times["update_s"] = time.perf_counter() - t0
 
+        excess = np.asarray(losses) - base_loss
+        optional = {"temperature": info["temperature"]} if cfg.target_ess is not None else {}
+        if cfg.line_search_scales:
+            optional["line_search_weight"] = info["line_search_weight"]
         return {
             "loss": base_loss, "task_loss": base_loss, "cross_entropy": cross_entropy,
             "perturbed_loss_min": min(losses), "perturbed_loss_mean": sum(losses) / len(losses),
             "best_improvement": base_loss - min(losses),
-            "ess": info["ess"], "weight_entropy": info["weight_entropy"], "guided_weight": info["guided_weight"],
+            "loss_spread_std": float(excess.std()), "loss_spread_range": float(excess.max() - excess.min()),
+            "ess": info["ess"], "ess_share": info["ess"] / len(samples), "weight_entropy": info["weight_entropy"],
+            "guided_weight": info["guided_weight"], **optional,
             "noise_norm": info["noise_norm"], "update_norm": update_norm, "guide_norm": guide_norm, **times,
+            **diagnostics,
+        }
+
+    def _write_update(self, out, guide, samples, log_weights, noise_scales) -> float:
+        """Δθ* into `out` (which may be `guide`); tensors outside the search get the weighted guided centre
+        (guide_params=all) or nothing (guide_params=perturbed). Returns ‖Δθ*‖."""
+        norm = write_update_(out, guide, self.search, samples, log_weights, noise_scales)
+        if self.cfg.guide_params == "perturbed" and not all(self.searched):
+            with torch.no_grad():
+                for tensor, searched in zip(out, self.searched):
+                    if not searched:
+                        tensor.zero_()
+            norm = math.sqrt(sum(float(t.double().square().sum()) for t in out))
+        return norm
+
+    # -- diagnostics of the weights' signal ------------------------------------------
+    def _diagnose(self, model, params, guide, samples, losses, log_weights, noise_scales, step) -> dict[str, float]:
+        """On the held-out batch: the samples' task losses and their rank agreement with the training
+        batch's, and the task loss after the step taken (θ + Δθ*, times sgd_scale with apply=sgd) and
+        after the blind step (uniform weights, same samples). θ is restored bit for bit; `guide`,
+        the weights and the optimizer are only read."""
+        batch = self.diagnostic_batch
+        if batch is None:
+            raise UserError("trainer.diagnose_every is on, but the rule got no held-out batch "
+                            "(data.validation_file is needed)")
+        seed = self.step_seed(step, 10_007)  # decode=sample: the same noise for every parameter set
+
+        def held_out_loss(m) -> float:
+            return self.metric.loss_from_stats(self._task_stats(m, batch, seed)[0])
+
+        backup = self._snapshot(params)  # θ (params hold θ here, whatever the guide mode)
+        base = held_out_loss(model)
+        held_out = []
+        for sample in samples:
+            apply_perturbation_(params, guide, self.search, sample, noise_scales)
+            held_out.append(held_out_loss(model))
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)
+        scale = self.cfg.sgd_scale if self.cfg.apply == "sgd" else 1.0
+        steps = {}
+        uniform = torch.full((len(samples),), -math.log(len(samples)), dtype=torch.float64)
+        for name, weights in (("taken", log_weights), ("blind", uniform)):
+            self._write_update(params, guide, samples, weights, noise_scales)  # params ← Δθ
+            with torch.no_grad():
+                torch._foreach_mul_(params, scale)
+                torch._foreach_add_(params, backup)  # params ← θ + scale·Δθ
+            steps[name] = held_out_loss(model)
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)
+        excess = np.asarray(held_out) - base
+        return {
+            "diag_rank_correlation": spearman(losses, held_out),
+            "diag_heldout_loss": base, "diag_heldout_spread_std": float(excess.std()),
+            "diag_heldout_spread_range": float(excess.max() - excess.min()),
+            "diag_taken_loss": steps["taken"], "diag_blind_loss": steps["blind"],
+            "diag_taken_minus_blind": steps["taken"] - steps["blind"],
         }
 
     # -- decoding the K+1 parameter sets ---------------------------------------------

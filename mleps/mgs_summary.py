@@ -1,0 +1,70 @@
+"""What an MGS run's metrics.jsonl says about its importance weights: one summary per run.
+
+Used by scripts/mgs_report.py (one run, one screen) and scripts/screen_mgs.py (a table of runs).
+Only the main phase counts (a warm start is MLE). Training events are means over
+`trainer.log_every` steps; the summary averages the events, so set log_every=1 for per-step means.
+
+    start / final / best   validation score of the main phase (higher is better for BLEU, chrF, ROUGE)
+    ess_share              ESS / number of samples: 1 = uniform weights, 1/K = one sample has them all
+    guided_weight          weight on the guided samples (line-search ones included); 0.5 = the prior with λ = 0.5
+    spread                 std of C(θ+Δ_k) - C(θ) over the samples, training batch
+    rank_corr              Spearman correlation of the samples' losses, training batch vs held-out batch
+                           (trainer.diagnose_every); near 0: the weights rank noise
+    taken_minus_blind      held-out task loss after the step taken minus after the blind (uniform-weight)
+                           step from the same θ; negative: the weights helped
+    s_per_step             training seconds per step, the diagnostic's own time excluded
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+COLUMNS = ("steps", "start", "final", "best", "ess_share", "guided_weight", "spread", "rank_corr",
+           "taken_minus_blind", "s_per_step")
+
+
+def read_events(path: Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(events: list[dict], higher_is_better: bool = True) -> dict:
+    """The COLUMNS of one run (None where the run did not log the statistic)."""
+    train = [e for e in events if e.get("split") == "train" and e.get("phase") == "main" and "event" not in e]
+    validation = [e for e in events if e.get("split") == "validation" and e.get("phase") == "main"]
+    scores = [e["score"] for e in validation]
+    best = (max if higher_is_better else min)(scores) if scores else None
+    return {
+        "steps": max((e["step"] for e in train), default=0) - (validation[0]["step"] if validation else 0),
+        "start": scores[0] if scores else None,
+        "final": scores[-1] if scores else None,
+        "best": best,
+        "ess_share": _mean(e.get("ess_share") for e in train),
+        "guided_weight": _mean(e.get("guided_weight") for e in train),
+        "spread": _mean(e.get("loss_spread_std") for e in train),
+        "rank_corr": _mean(e.get("diag_rank_correlation") for e in train),
+        "taken_minus_blind": _mean(e.get("diag_taken_minus_blind") for e in train),
+        "s_per_step": _mean(e["step_s"] - e.get("diagnose_s", 0.0) for e in train if "step_s" in e),
+    }
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, str)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
