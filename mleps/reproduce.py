@@ -50,8 +50,9 @@ ARMS = {
     "mrt": ["trainer=mrt"],
     "mgs": ["trainer=mgs", "trainer.warm_start_steps=0"],
     # The same rule with uniform weights: with alpha = 1e9 every perturbation weighs the same
-    # whatever its task loss, so the update no longer sees the metric.
-    "mgs_blind": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.temperature=1e9"],
+    # whatever its task loss (boltzmann or rank weights; no ESS target to choose alpha), so the update
+    # no longer sees the metric.
+    "mgs_blind": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.temperature=1e9", "trainer.target_ess=null"],
 }
 COST_OF = {"mgs_blind": "mgs"}  # the same decodes per step: one calibration serves both
 
