@@ -255,3 +255,17 @@ def test_a_one_family_option_with_the_other_family_is_one_line(tmp_path, capfd):
     code, _, err = run_main("mleps.train", "trainer=mle", "model=tiny_gpt2", *TINY_CLI,
                             f"output_dir={tmp_path / 'run2'}", capfd=capfd)
     assert_user_error(code, err, "data.task=completion")
+
+
+def test_model_hf_loads_a_decoder_only_checkpoint_as_a_causal_lm(tmp_path):
+    from mleps.errors import UserError
+    from mleps.models import from_pretrained
+
+    tiny_gpt2().save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    model, tokenizer = from_pretrained(str(tmp_path))  # model.kind=auto: the config says decoder-only
+    assert isinstance(model, GPT2LMHeadModel) and family_for(model).name == "causal"
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id == 0
+    assert isinstance(from_pretrained(str(tmp_path), kind="causal")[0], GPT2LMHeadModel)
+    with pytest.raises(UserError, match="could not load model"):
+        from_pretrained(str(tmp_path), kind="seq2seq")  # a GPT-2 config is no encoder-decoder
