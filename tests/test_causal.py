@@ -269,3 +269,18 @@ def test_model_hf_loads_a_decoder_only_checkpoint_as_a_causal_lm(tmp_path):
     assert isinstance(from_pretrained(str(tmp_path), kind="causal")[0], GPT2LMHeadModel)
     with pytest.raises(UserError, match="could not load model"):
         from_pretrained(str(tmp_path), kind="seq2seq")  # a GPT-2 config is no encoder-decoder
+
+
+def test_the_lm_task_loss_scores_continuations_given_their_prompt():
+    """metric=lm on a decoder-only model: mean NLL per token of each output given its own prompt."""
+    from mleps.losses import LMScore
+
+    tok, model = word_tokenizer(), tiny_gpt2()
+    batch = family_for(model).encode_sources(tok, PROMPTS, 32)
+    rows = generate(model, batch, max_new_tokens=6, do_sample=True)
+    lm = LMScore(level="sentence", batch_size=3)
+    lm.bind(model, tok)
+    decoded = decoded_batch(rows, tok, eos_ids(model), [["x"]] * 4, batch=batch)
+    log_probs, lengths = sequence_log_probs(model, batch, rows, torch.arange(4), eos_ids(model))
+    expected = (-log_probs.detach() / lengths).tolist()
+    assert lm.sentence_losses(decoded) == pytest.approx(expected, abs=1e-5)
