@@ -284,3 +284,34 @@ def test_the_lm_task_loss_scores_continuations_given_their_prompt():
     log_probs, lengths = sequence_log_probs(model, batch, rows, torch.arange(4), eos_ids(model))
     expected = (-log_probs.detach() / lengths).tolist()
     assert lm.sentence_losses(decoded) == pytest.approx(expected, abs=1e-5)
+
+
+def test_documents_from_a_txt_file_and_a_csv_column(tmp_path):
+    from mleps.data import load_split
+
+    (tmp_path / "docs.txt").write_text("first document here\n\nsecond one\n", encoding="utf-8")
+    (tmp_path / "docs.csv").write_text('id,body\n1,"one, two"\n2,three\n', encoding="utf-8")
+    base = {"task": "completion", "prefix_tokens": 1, "continuation_tokens": 4, "max_train_examples": None,
+            "max_eval_examples": None, "reference_columns": [], "name": "t"}
+    txt = load_split(OmegaConf.create({**base, "train_file": str(tmp_path / "docs.txt"), "text_column": None}), "train")
+    assert txt["source"] == ["first document here", "second one"]  # one document per non-empty line
+    csv = load_split(OmegaConf.create({**base, "train_file": str(tmp_path / "docs.csv"), "text_column": "body"}), "train")
+    assert csv["source"] == ["one, two", "three"]
+
+
+def test_tiny_gpt2_tokenizer_appends_no_eos_and_is_cached(tmp_path, data_dir, caplog):
+    from conftest import compose_cfg
+    from mleps.data import load_split
+    from mleps.models import load_model_and_tokenizer
+
+    cfg = compose_cfg("data=completion", "model=tiny_gpt2", "trainer=mle", f"data_dir={data_dir}",
+                      f"cache_dir={tmp_path}", "data.max_train_examples=64", "model.vocab_size=300",
+                      "model.d_model=32", "model.layers=1", "model.heads=2", "model.ffn_dim=64")
+    docs = load_split(cfg.data, "train")
+    model, tok, _ = load_model_and_tokenizer(cfg, docs)
+    assert isinstance(model, GPT2LMHeadModel) and len(tok) == model.config.vocab_size <= 300
+    ids = tok("Thanks, see you")["input_ids"]
+    assert tok.eos_token_id not in ids and tok.decode(ids) == "Thanks, see you"
+    with caplog.at_level(logging.INFO, logger="mleps"):
+        load_model_and_tokenizer(cfg, docs)
+    assert "tokenizer: reusing" in caplog.text
