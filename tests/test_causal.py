@@ -255,3 +255,63 @@ def test_a_one_family_option_with_the_other_family_is_one_line(tmp_path, capfd):
     code, _, err = run_main("mleps.train", "trainer=mle", "model=tiny_gpt2", *TINY_CLI,
                             f"output_dir={tmp_path / 'run2'}", capfd=capfd)
     assert_user_error(code, err, "data.task=completion")
+
+
+def test_model_hf_loads_a_decoder_only_checkpoint_as_a_causal_lm(tmp_path):
+    from mleps.errors import UserError
+    from mleps.models import from_pretrained
+
+    tiny_gpt2().save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    model, tokenizer = from_pretrained(str(tmp_path))  # model.kind=auto: the config says decoder-only
+    assert isinstance(model, GPT2LMHeadModel) and family_for(model).name == "causal"
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id == 0
+    assert isinstance(from_pretrained(str(tmp_path), kind="causal")[0], GPT2LMHeadModel)
+    with pytest.raises(UserError, match="could not load model"):
+        from_pretrained(str(tmp_path), kind="seq2seq")  # a GPT-2 config is no encoder-decoder
+
+
+def test_the_lm_task_loss_scores_continuations_given_their_prompt():
+    """metric=lm on a decoder-only model: mean NLL per token of each output given its own prompt."""
+    from mleps.losses import LMScore
+
+    tok, model = word_tokenizer(), tiny_gpt2()
+    batch = family_for(model).encode_sources(tok, PROMPTS, 32)
+    rows = generate(model, batch, max_new_tokens=6, do_sample=True)
+    lm = LMScore(level="sentence", batch_size=3)
+    lm.bind(model, tok)
+    decoded = decoded_batch(rows, tok, eos_ids(model), [["x"]] * 4, batch=batch)
+    log_probs, lengths = sequence_log_probs(model, batch, rows, torch.arange(4), eos_ids(model))
+    expected = (-log_probs.detach() / lengths).tolist()
+    assert lm.sentence_losses(decoded) == pytest.approx(expected, abs=1e-5)
+
+
+def test_documents_from_a_txt_file_and_a_csv_column(tmp_path):
+    from mleps.data import load_split
+
+    (tmp_path / "docs.txt").write_text("first document here\n\nsecond one\n", encoding="utf-8")
+    (tmp_path / "docs.csv").write_text('id,body\n1,"one, two"\n2,three\n', encoding="utf-8")
+    base = {"task": "completion", "prefix_tokens": 1, "continuation_tokens": 4, "max_train_examples": None,
+            "max_eval_examples": None, "reference_columns": [], "name": "t"}
+    txt = load_split(OmegaConf.create({**base, "train_file": str(tmp_path / "docs.txt"), "text_column": None}), "train")
+    assert txt["source"] == ["first document here", "second one"]  # one document per non-empty line
+    csv = load_split(OmegaConf.create({**base, "train_file": str(tmp_path / "docs.csv"), "text_column": "body"}), "train")
+    assert csv["source"] == ["one, two", "three"]
+
+
+def test_tiny_gpt2_tokenizer_appends_no_eos_and_is_cached(tmp_path, data_dir, caplog):
+    from conftest import compose_cfg
+    from mleps.data import load_split
+    from mleps.models import load_model_and_tokenizer
+
+    cfg = compose_cfg("data=completion", "model=tiny_gpt2", "trainer=mle", f"data_dir={data_dir}",
+                      f"cache_dir={tmp_path}", "data.max_train_examples=64", "model.vocab_size=300",
+                      "model.d_model=32", "model.layers=1", "model.heads=2", "model.ffn_dim=64")
+    docs = load_split(cfg.data, "train")
+    model, tok, _ = load_model_and_tokenizer(cfg, docs)
+    assert isinstance(model, GPT2LMHeadModel) and len(tok) == model.config.vocab_size <= 300
+    ids = tok("Thanks, see you")["input_ids"]
+    assert tok.eos_token_id not in ids and tok.decode(ids) == "Thanks, see you"
+    with caplog.at_level(logging.INFO, logger="mleps"):
+        load_model_and_tokenizer(cfg, docs)
+    assert "tokenizer: reusing" in caplog.text
