@@ -30,6 +30,9 @@ class DataConfig:
     text_column: Optional[str] = None  # completion: the documents' column (a .txt file: one document per line)
     prefix_tokens: int = 10  # completion: prompt length in tokens; shorter documents are skipped and counted
     continuation_tokens: int = 50  # completion: reference continuation, at most this many tokens (+ EOS)
+    # completion: keep only documents that end within prefix + continuation tokens, so every reference
+    # ends with EOS and not stopping is purely a defect (the others are skipped and counted)
+    whole_documents: bool = False
     loss_on: Optional[str] = None  # decoder-only MLE: all (null: prompt and continuation) | continuation
 
 

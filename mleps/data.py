@@ -160,6 +160,15 @@ def completion_pairs(docs: datasets.Dataset, tokenizer, data_cfg, split: str = "
     if len(pairs) == 0:
         raise UserError(f"{split}: every document has at most data.prefix_tokens={prefix_len} tokens: "
                         f"lower data.prefix_tokens")
+    if data_cfg.get("whole_documents", False):
+        whole = pairs.filter(lambda r: r["ends_document"])
+        log.warning("%s: data.whole_documents keeps the %d of %d documents that end within %d + %d tokens",
+                    split, len(whole), len(pairs), prefix_len, cont_len)
+        if len(whole) == 0:
+            raise UserError(f"{split}: no document ends within data.prefix_tokens + data.continuation_tokens = "
+                            f"{prefix_len + cont_len} tokens: raise data.continuation_tokens or set "
+                            f"data.whole_documents=false")
+        pairs = whole
     if split != "train":  # a continuation that decodes to no text cannot be scored
         pairs = pairs.filter(lambda r: bool(r["references"]))
     return pairs

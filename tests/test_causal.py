@@ -26,6 +26,7 @@ from conftest import TINY_CLI, assert_user_error, run_main, write_jsonl
 from mleps import population
 from mleps.data import Collator, completion_pairs
 from mleps.decoding import decoded_batch, eos_ids, generate
+from mleps.errors import UserError
 from mleps.families import CausalFamily, family_for
 from mleps.trainers.base import label_tokens, token_cross_entropy
 from mleps.trainers.sequences import sequence_log_probs
@@ -75,6 +76,15 @@ def test_completion_builder_on_hand_made_documents(caplog):
     assert pairs["target"] == ["d e", "d", "n o"] and pairs["references"] == [["d e"], ["d"], ["n o"]]
     assert pairs["ends_document"] == [False, True, True]
     assert "skipped 2 of 5 documents" in caplog.text  # "a b" and "h i j": no token after the prefix
+
+    # whole_documents: only the documents that end within prefix + continuation tokens, counted
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mleps"):
+        whole = completion_pairs(docs, tok, OmegaConf.merge(cfg, {"whole_documents": True}), "train")
+    assert whole["source"] == ["a b c", "k l m"] and all(labels[-1] == eos for labels in whole["labels"])
+    assert "keeps the 2 of 3 documents" in caplog.text
+    with pytest.raises(UserError, match="whole_documents"):
+        completion_pairs(docs.select([0]), tok, OmegaConf.merge(cfg, {"whole_documents": True}), "train")
 
 
 def test_causal_batch_layout_and_loss_on():
