@@ -105,7 +105,7 @@ def test_causal_batch_layout_and_loss_on():
         ids = torch.tensor([prompt + cont])
         with torch.no_grad():
             alone += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
-    assert n == label_tokens(batch) and float(loss) == pytest.approx(alone, rel=1e-5)
+    assert n == label_tokens(batch) and float(loss.detach()) == pytest.approx(alone, rel=1e-5)
 
 
 def test_left_padded_generation_equals_each_row_alone_and_excludes_the_prompt():
