@@ -24,8 +24,13 @@ data: install
 demo: install data
 	$(BIN)/python -m mleps.train
 
+# Two pytest-xdist workers (CI has 2 cores; each worker and its subprocesses use one thread, see
+# tests/conftest.py). loadfile: each test file runs whole in one worker (its module fixtures are
+# built once), the files sharing the trained_run fixture in the same one. XDIST= runs serially.
+XDIST ?= -n 2 --dist loadfile
+
 test: install data
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(XDIST)
 
 test-fast: install data
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,7 +1,12 @@
 """Shared fixtures: the real Hydra config shrunk for CPU, the datasets, and a CLI runner.
 
 * `MLEPS_CACHE_DIR` points at one temporary folder for the whole session (tokenizer caches
-  never touch ~/.cache, and tests in one session share the trained tokenizers).
+  never touch ~/.cache, and tests in one session share the trained tokenizers). Under
+  pytest-xdist a session is one worker: each worker has its own folder (tmp_path_factory's
+  basetemp is per worker), so no two workers write one cache.
+* Under xdist (`make test` runs `-n 2 --dist loadfile`): one thread per worker and per
+  subprocess, one HF datasets cache per worker, and each test file kept in one worker (the
+  files that share `trained_run` in one worker together): see pytest_xdist_make_scheduler.
 * `data_dir`: `$MLEPS_DATA_DIR` or `<repo>/data` (`make data` creates it); tests that need the
   real datasets skip with the reason when it is absent.
 * `base_cfg`: conf/train.yaml composed once with Hydra (the typed schemas registered), then
@@ -29,9 +34,43 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 # `datasets` reads its cache location when imported: keep its Arrow caches out of ~/.cache too.
-if "HF_DATASETS_CACHE" not in os.environ:
-    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mleps-test-hf-datasets-")
+# One folder per process: pytest-xdist workers inherit the controller's environment, so a value
+# this file set in the controller (marked by _OWN_CACHE) is replaced by a fresh one in each worker.
+_OWN_CACHE = "MLEPS_TEST_OWN_HF_DATASETS_CACHE"
+if "HF_DATASETS_CACHE" not in os.environ or os.environ.get(_OWN_CACHE) == os.environ["HF_DATASETS_CACHE"]:
+    os.environ["HF_DATASETS_CACHE"] = os.environ[_OWN_CACHE] = tempfile.mkdtemp(prefix="mleps-test-hf-datasets-")
     atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
+
+# Under pytest-xdist (`make test`: -n 2 on a 2-core machine) each worker and every process a test
+# starts should use one thread, or the workers oversubscribe the cores (see single_torch_thread).
+# setdefault: a value set on purpose wins. Subprocesses inherit these.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...; None without -n
+if XDIST_WORKER:
+    for _name, _value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(_name, _value)
+
+# `--dist loadfile` keeps each test file in one worker (its module fixtures are built once, its
+# module-level state stays in one process). The files below share a session fixture too expensive
+# to build once per worker: they are one unit of work, run by the same worker. (xdist's
+# `xdist_group` marks would do this with --dist loadgroup, but pytest-xdist 3.8 sets the group
+# through Item._nodeid, which pytest 9 no longer reads: the marks are silently ignored.)
+SHARED_FILES = {
+    "trained_run": {"test_train_mle.py", "test_evaluate_cli.py", "test_models.py"},  # one real training run
+}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist installed it is never called
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return next((group for group, names in SHARED_FILES.items() if Path(file).name in names), file)
+
+    return FileScheduling(config, log)
 
 
 # A model that trains in seconds on two CPU cores.

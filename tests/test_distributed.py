@@ -203,10 +203,13 @@ def test_accelerate_launch_cli_resumes_two_processes_exactly(tmp_path, data_dir)
     assert len(set(resumed) & set(reference)) > 5
 
 
-def test_several_processes_need_an_output_dir(monkeypatch, capfd):
+def test_several_processes_need_an_output_dir(monkeypatch, capfd, tmp_path):
     from conftest import assert_user_error, run_main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    # Hydra creates its dated run dir (outputs/DATE/TIME) in the working directory before the
+    # check runs: not in the repo, where two xdist workers in the same second would share it
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_main("mleps.train", "trainer=mle", capfd=capfd)
     assert_user_error(code, err, "output_dir=PATH")
 
