@@ -99,11 +99,16 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
     # Training needs a target; evaluation needs at least one reference.
     keep = (lambda r: bool(r["source"]) and bool(r["target"])) if split == "train" else (
         lambda r: bool(r["source"]) and bool(r["references"]))
+    return _kept(ds, keep, data_cfg, split, path, "rows with an empty source or target")
+
+
+def _kept(ds: datasets.Dataset, keep, data_cfg, split: str, path: Path, dropped: str) -> datasets.Dataset:
+    """The rows `keep` accepts (the others counted in a warning), cut to the split's example limit."""
     kept = ds.filter(keep)
     if len(kept) < len(ds):
-        log.warning("%s: skipped %d of %d rows with an empty source or target", path.name, len(ds) - len(kept), len(ds))
+        log.warning("%s: skipped %d of %d %s", path.name, len(ds) - len(kept), len(ds), dropped)
     if len(kept) == 0:
-        raise UserError(f"every row of {path} has an empty source or target")
+        raise UserError(f"{path}: all {len(ds)} are {dropped}")
     limit = data_cfg.max_train_examples if split == "train" else data_cfg.max_eval_examples
     if limit is not None and limit < len(kept):
         kept = kept.select(range(limit))
@@ -118,15 +123,7 @@ def _documents(raw: datasets.Dataset, data_cfg, split: str, path: Path) -> datas
                         f"{', '.join(raw.column_names)} (set data.text_column)")
     ds = raw.map(lambda row: {"source": _text(row[column]), "target": "", "references": []},
                  remove_columns=raw.column_names, desc=f"documents {split}")
-    kept = ds.filter(lambda r: bool(r["source"]))
-    if len(kept) < len(ds):
-        log.warning("%s: skipped %d of %d empty documents", path.name, len(ds) - len(kept), len(ds))
-    if len(kept) == 0:
-        raise UserError(f"every document in column '{column}' of {path} is empty")
-    limit = data_cfg.max_train_examples if split == "train" else data_cfg.max_eval_examples
-    if limit is not None and limit < len(kept):
-        kept = kept.select(range(limit))
-    return kept
+    return _kept(ds, lambda r: bool(r["source"]), data_cfg, split, path, f"empty documents (column '{column}')")
 
 
 def completion_pairs(docs: datasets.Dataset, tokenizer, data_cfg, split: str = "train") -> datasets.Dataset:

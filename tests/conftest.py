@@ -286,3 +286,22 @@ def allocated_peak(fn) -> int:
         current += event.nbytes()
         peak = max(peak, current)
     return peak
+
+
+# -- a word-level tokenizer for unit tests: one token per word, ids known by hand -----------------
+WORDS = "a b c d e f g h i j k l m n o p".split()
+
+
+def word_tokenizer(append_eos: bool = True):
+    """<pad> 0, <unk> 1, </s> 2, then WORDS. append_eos: Marian's habit (every encoded text ends
+    with </s>); False: GPT-2's (nothing appended)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if append_eos:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")

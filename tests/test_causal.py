@@ -19,10 +19,10 @@ import logging
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import TINY_CLI, assert_user_error, run_main, write_jsonl
+from conftest import TINY_CLI, WORDS, assert_user_error, run_main, write_jsonl
+from conftest import word_tokenizer as conftest_word_tokenizer
 from mleps import population
 from mleps.data import Collator, completion_pairs
 from mleps.decoding import decoded_batch, eos_ids, generate
@@ -33,16 +33,10 @@ from mleps.trainers.sequences import sequence_log_probs
 
 torch.set_num_threads(1)
 
-WORDS = "a b c d e f g h i j k l m n o p".split()
 
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
+def word_tokenizer():
     """One token per word, no special token appended (GPT-2's habit)."""
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    return conftest_word_tokenizer(append_eos=False)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

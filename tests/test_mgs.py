@@ -10,28 +10,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+from transformers import MarianConfig, MarianMTModel
 
+from conftest import WORDS, word_tokenizer  # noqa: F401  (imported from here by other test files)
 from mleps.config import MGSConfig, MLEConfig
 from mleps.data import Collator
 from mleps.metrics import build_metric
 from mleps.trainers import build_rule
 
 torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over a busy machine
-
-WORDS = "a b c d e f g h i j k l m n o p".split()
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import decoders, processors
-
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
 
 
 def tiny_model(seed: int = 0) -> MarianMTModel:
