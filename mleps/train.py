@@ -40,10 +40,12 @@ OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
 
 
 def summary_table(summary: dict, metric: str) -> str:
-    lines = [f"{'phase':<12}{'trainer':<9}{'steps':>7}{'start ' + metric:>14}{'end ' + metric:>14}"]
+    width = max(14, len(metric) + 7)  # a column holds "start <metric>" with room to spare
+    lines = [f"{'phase':<12}{'trainer':<9}{'steps':>7}{'start ' + metric:>{width}}{'end ' + metric:>{width}}"]
     for p in summary["phases"]:
         fmt = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
-        lines.append(f"{p['phase']:<12}{p['trainer']:<9}{p['steps']:>7}{fmt(p['start_score']):>14}{fmt(p['end_score']):>14}")
+        lines.append(f"{p['phase']:<12}{p['trainer']:<9}{p['steps']:>7}{fmt(p['start_score']):>{width}}"
+                     f"{fmt(p['end_score']):>{width}}")
         if p.get("early_stop_step") is not None:
             lines.append(f"{'':<12}early stop at step {p['early_stop_step']} (trainer.patience); best: checkpoints/best")
     return "\n".join(lines)
