@@ -161,9 +161,12 @@ def collect(repro, commands: dict) -> dict:
         tests[label] = {d: json.loads(repro.test_file(label, d).read_text()) for d in repro.decodes()}
     if not task.from_scratch:
         base_val = read_events(repro.base_dir, "validation") if repro.given_base is None else []
+        summary = repro.base_dir / "summary.json"
+        stopped = json.loads(summary.read_text())["phases"][-1].get("early_stop_step") if summary.is_file() else None
         key = "cross_entropy" if task.base_select == "cross_entropy" else "score"
         pick = max if task.higher_is_better and key == "score" else min
         results["base"] = {"checkpoint": str(repro.base_checkpoint), "test": tests["base"], "selected_by": key,
+                           "early_stop_step": stopped,
                            "val_best": pick((e[key] for e in base_val), default=None),
                            "steps": max((e["step"] for e in base_val), default=None)}
     rows = []
@@ -428,9 +431,11 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
         where = Path(base["checkpoint"])
         where = where.relative_to(results["out"]) if base["checkpoint"].startswith(results["out"]) else where
         chosen = m if base.get("selected_by", "score") == "score" else "cross-entropy of the references"
+        how = "by early stopping" if base.get("early_stop_step") is not None else \
+            "at its step or time cap: early stopping had not fired"
         lines += ["## Base", "", f"Checkpoint `{where}`" + ("." if base["val_best"] is None else
                   f" (best validation {chosen} {base['val_best']:.{2 if chosen == m else 4}f}; the run stopped at "
-                  f"step {base['steps']})."), ""]
+                  f"step {base['steps']}, {how})."), ""]
         keys = results.get("test_keys") or {"score": "test", "chrf": "chrf"}
         lines += [markdown_table(["decode"] + [column_label(n, m) for n in keys.values()],
                                  [[d] + [f"{base['test'][d][k]:.{digits(n)}f}" for k, n in keys.items()]
@@ -474,10 +479,12 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
     if results.get("examples"):
         lines += examples_markdown(results["examples"])
     if results["verdict"]:
-        lines += ["## Verdict", "", "Computed from the numbers above (p < 0.05 per seed counts as significant):", ""]
+        how = "(p < 0.05 per seed counts as significant)" if results.get("significance") else \
+            "(means over seeds; no significance test)"
+        lines += ["## Verdict", "", f"Computed from the numbers above {how}:", ""]
         lines += [f"- {s}" for s in results["verdict"]] + [""]
     sigs = {(results["task"], d): (t.get("signature"), t.get("chrf_signature"))
-            for d, t in (results.get("base") or {}).get("test", {}).items()}
+            for d, t in (results.get("base") or {}).get("test", {}).items() if t.get("signature")}
     if sigs:
         lines += ["## Signatures", ""]
         for (_, d), (s1, s2) in sigs.items():
