@@ -193,6 +193,19 @@ PAPER = """\
            beta = 100 (trainer.temperature=0.01), ~5,000 fine-tuning steps, MLE continued for the
            same wall time, 3 seeds; test on tst2014, beam 4 (and greedy)
 Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps/reproduce.py)."""
+PAPER_COMPLETION = """\
+`completion --budget paper` (documented, not run on this machine; needs a GPU and the internet):
+  data     WikiText-103: python scripts/export_wikitext103.py, then data=wikitext103 (10-token
+           prefixes, references of up to 300 tokens; conf/data/wikitext103.yaml)
+  model    GPT-2 small from the hub: model=hf model.name_or_path=gpt2
+  base     trainer=mle fine-tuned to its validation perplexity optimum (eval.select=cross_entropy,
+           trainer.patience=5)
+  arms     MGS / PG / MRT on metric=composite "metric.losses=[repetition,nontermination]" with
+           decode.max_new_tokens=300 trainer.max_new_tokens=300, MLE continued for the same wall
+           time, MGS-blind, 3 seeds; report seq-rep-4, non-termination, edit distance and
+           reference perplexity of greedy continuations (Welleck & Cho 2021, Table 1)
+Run it with this driver's completion stages by putting those overrides in the budget."""
+PAPERS = {"mt": PAPER, "completion": PAPER_COMPLETION}
 
 
 class RunFailed(UserError):

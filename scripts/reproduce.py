@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mleps.errors import UserError, exit_on_user_error  # noqa: E402
-from mleps.reproduce import PAPER, TASKS, Reproduction  # noqa: E402
+from mleps.reproduce import PAPER, PAPERS, TASKS, Reproduction  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.budget == "paper":
-        print(PAPER)
+        if args.task not in PAPERS:
+            raise UserError(f"--budget paper is documented for {' and '.join(PAPERS)} only")
+        print(PAPERS[args.task])
         return
     out = Path(args.out or f"runs/reproduce/{args.task}")
     md = Path(args.results_md or ROOT / "docs" / ("results.md" if args.task == "mt" else f"results-{args.task}.md"))

@@ -319,3 +319,21 @@ def test_tiny_gpt2_tokenizer_appends_no_eos_and_is_cached(tmp_path, data_dir, ca
     with caplog.at_level(logging.INFO, logger="mleps"):
         load_model_and_tokenizer(cfg, docs)
     assert "tokenizer: reusing" in caplog.text
+
+
+def test_wikitext_export_groups_lines_into_articles():
+    """scripts/export_wikitext103.py (run online only): level-1 headings start articles, sections do not."""
+    from scripts.export_wikitext103 import articles
+
+    lines = ["", " = Apollo = ", "", " Apollo is a god . ", " = = Cult = = ", " Temples . ", "",
+             " = Zeus = ", " Zeus rules . ", ""]
+    assert list(articles(lines)) == ["= Apollo =\nApollo is a god .\n= = Cult = =\nTemples .", "= Zeus =\nZeus rules ."]
+
+
+def test_the_wikitext103_config_composes_as_a_completion_task():
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("data=wikitext103", "model=hf", "model.name_or_path=gpt2")
+    assert cfg.data.task == "completion" and cfg.data.text_column == "text"
+    assert (cfg.data.prefix_tokens, cfg.data.continuation_tokens) == (10, 300)
+    assert cfg.data.train_file.endswith("wikitext103/train.jsonl")
