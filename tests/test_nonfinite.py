@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import mleps.trainers.mle as mle
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 from mleps.checkpoint import STATE_FILE
 from mleps.errors import BAD_STEPS_EXIT, TrainingDiverged
 from mleps.loop import Loop
@@ -53,6 +53,18 @@ def poison(monkeypatch, bad_steps):
     monkeypatch.setattr(mle.MLE, "step", nan_step)
 
 
+def causal_cfg(base_cfg):
+    """base_cfg with tiny GPT-2 on a completion task (the English side of the pairs as documents)."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("trainer=mle", "data=completion", "model=tiny_gpt2", *TINY_MODEL, "data.text_column=en",
+                      "data.prefix_tokens=4", "data.continuation_tokens=12", "data.max_source_length=8")
+    for key in ("trainer", "decode"):
+        cfg[key] = base_cfg[key]
+    cfg.progress, cfg.cpu, cfg.data.max_eval_examples = False, True, 32
+    return cfg
+
+
 def make_loop(cfg, run_dir) -> Loop:
     run_dir.mkdir(parents=True, exist_ok=True)  # Hydra creates it for the CLI
     data = small_data_dir(run_dir.parent / "data") / "multi30k"
@@ -78,7 +90,10 @@ def test_bad_step_counting_unit():
     assert "2 non-finite steps in a row" in str(err.value) and "no checkpoint was saved" in str(err.value)
 
 
-def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(base_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["seq2seq", "causal"])
+def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(base_cfg, tmp_path, monkeypatch, family):
+    if family == "causal":
+        base_cfg = causal_cfg(base_cfg)
     base_cfg.trainer.max_steps = 4
     base_cfg.trainer.max_bad_steps = 3
     poison(monkeypatch, bad_steps={1, 2})
@@ -105,6 +120,8 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(base_c
 
     loop._run_phase = run_phase
     loop.train()
+    assert type(loop.accelerator.unwrap_model(loop.model)).__name__ == \
+        {"seq2seq": "MarianMTModel", "causal": "GPT2LMHeadModel"}[family]
     assert updates == [0, 3], "steps 1 and 2 applied no update"
     assert loop.state["bad_steps_total"] == 2 and loop.state["bad_steps_in_a_row"] == 0
     assert loop.state["step"] == 4, "a skipped step still counts: its batch is not retried"
