@@ -89,8 +89,9 @@ def test_step_counts_come_from_the_calibration(tmp_path):
 def _reproduce(tmp_path, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     docs = tmp_path / "docs"
+    # one seed: the aggregation over seeds is tested on hand-made numbers above; this is the pipeline
     return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "mt", "--budget", "tiny",
-                           "--out", str(tmp_path / "runs"), "--results-md", str(docs / "results.md"),
+                           "--seeds", "0", "--out", str(tmp_path / "runs"), "--results-md", str(docs / "results.md"),
                            "--img-dir", str(docs / "img"), "--json", str(docs / "results" / "mt.json"), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
@@ -105,7 +106,7 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path, data_dir):
     # every arm x seed x budget ran, was tested greedy and beam 4, and reached the table
     assert {(r["budget"], r["arm"], r["seed"]) for r in results["runs"]} == {
         (b, a, s) for b in ("equal_time", "equal_steps") for a in ("mle", "pg", "mrt", "mgs", "mgs_blind")
-        for s in (0, 1)}
+        for s in (0,)}
     for r in results["runs"]:
         assert set(r["test"]) == {"greedy", "beam4"} and r["test"]["greedy"]["n"] == 32
         assert r["curve"] and r["curve"][0][0] == 0
