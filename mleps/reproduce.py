@@ -510,33 +510,32 @@ class Reproduction:
 
     def _load_references(self) -> list[list[str]]:
         if not hasattr(self, "_references"):
-            from hydra import compose, initialize_config_dir
-
-            from mleps.config import register_configs
             from mleps.data import load_split
 
-            register_configs()
-            cuts = [o for o in self.budget.evaluate if o.startswith("data.")]
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose(config_name="evaluate", overrides=["checkpoint=unused", f"data={self.task.data}", *cuts])
-            self._references = list(load_split(cfg.data, "test")["references"])
+            self._references = list(load_split(self.test_data_cfg(), "test")["references"])
         return self._references
+
+    def test_data_cfg(self):
+        """The data config of the test evaluations: the task's data, cut as the runs cut it (the
+        budget's overrides come after the task's)."""
+        from hydra import compose, initialize_config_dir
+
+        from mleps.config import register_configs
+
+        register_configs()
+        cuts = [o for o in self.task.overrides + self.budget.common + self.budget.evaluate if o.startswith("data.")]
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="evaluate", overrides=["checkpoint=unused", f"data={self.task.data}", *cuts]).data
 
     def completion_examples(self) -> list[tuple[str, str]]:
         """(prefix, reference continuation) of each test example, in evaluate's order."""
-        from hydra import compose, initialize_config_dir
         from transformers import AutoTokenizer
 
-        from mleps.config import register_configs
         from mleps.data import completion_pairs, load_split
 
-        register_configs()
-        # as the runs saw them: the budget's overrides come after the task's
-        cuts = [o for o in self.task.overrides + self.budget.common + self.budget.evaluate if o.startswith("data.")]
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="evaluate", overrides=["checkpoint=unused", f"data={self.task.data}", *cuts])
+        data = self.test_data_cfg()
         tokenizer = AutoTokenizer.from_pretrained(self.base_checkpoint)
-        pairs = completion_pairs(load_split(cfg.data, "test"), tokenizer, cfg.data, "test")
+        pairs = completion_pairs(load_split(data, "test"), tokenizer, data, "test")
         return list(zip(pairs["source"], pairs["target"]))
 
     def _score_predictions(self, job: Job) -> None:

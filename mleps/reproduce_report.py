@@ -191,13 +191,10 @@ def side_by_side(repro, rows: list[dict], n: int = 5) -> list[dict]:
     base = repro.test_file("base", "greedy")
     if mgs is None or not base.is_file():
         return []
-    read = lambda result: Path(result["predictions"]).read_text(encoding="utf-8").splitlines()  # noqa: E731
-    base_result, mgs_result = json.loads(base.read_text()), mgs["test"]["greedy"]
-    out = []
-    for i, (prefix, reference) in enumerate(repro.completion_examples()[:n]):
-        out.append({"seed": mgs["seed"], "prefix": prefix, "reference": reference,
-                    "mle": read(base_result)[i], "mgs": read(mgs_result)[i]})
-    return out
+    mle_hyps, mgs_hyps = (Path(result["predictions"]).read_text(encoding="utf-8").splitlines()
+                          for result in (json.loads(base.read_text()), mgs["test"]["greedy"]))
+    return [{"seed": mgs["seed"], "prefix": prefix, "reference": reference, "mle": mle, "mgs": hyp}
+            for (prefix, reference), mle, hyp in zip(repro.completion_examples()[:n], mle_hyps, mgs_hyps)]
 
 
 def summarize(rows: list[dict], base: dict | None, decodes: list[str],
