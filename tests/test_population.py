@@ -197,6 +197,36 @@ def test_mgs_losses_and_update_equal_sequential_decoding(name, guide):
     assert max(float((a - b).abs().max()) for a, b in zip(bat_grads, seq_grads)) <= 1e-6
 
 
+@pytest.mark.parametrize("subset", ["norms_biases", "output"])
+def test_a_perturbed_subset_alone_is_stacked_and_the_step_is_unchanged(subset, monkeypatch):
+    """trainer.perturb_params: the tensors outside the search are never moved by a sample, so the
+    batched step stacks only the searched ones ((K+1) copies of the subset, not of the model) and
+    its losses and update still equal sequential decoding's."""
+    tokenizer = word_tokenizer()
+    stacked = []
+    real_stack = population.stack_parameters
+    monkeypatch.setattr(population, "stack_parameters",
+                        lambda params, size: stacked.append((sum(p.numel() for p in params), size)) or real_stack(params, size))
+    results = {}
+    for mode in ("sequential", "batched"):
+        model = tiny_model()
+        batch = make_batch(tokenizer, model)
+        rule = mgs_rule(model, tokenizer, decode_population=mode, num_samples=4, perturb_params=subset,
+                        noise_mode="constant", noise_scale=0.5)
+        losses = []
+        real = rule.metric.loss_from_stats
+        rule.metric.loss_from_stats = lambda stats: losses.append(real(stats)) or losses[-1]
+        rule.step(batch, step=3)
+        results[mode] = (losses, [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        searched = sum(p.numel() for p, flag in zip(rule._params(model), rule.searched) if flag)
+        total = sum(p.numel() for p in rule._params(model))
+    assert stacked == [(searched, 5)] and searched < total / 3, (stacked, searched, total)
+    (seq_losses, seq_grads), (bat_losses, bat_grads) = results["sequential"], results["batched"]
+    assert len(set(bat_losses)) > 1, bat_losses  # the subset's noise changes some outputs
+    np.testing.assert_allclose(bat_losses, seq_losses, rtol=0, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(bat_grads, seq_grads)) <= 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", [4, 16])
 def test_batched_step_memory_is_the_stacks_plus_k_plus_1_decodes(rows):

@@ -23,7 +23,8 @@ trainer.perturb=copy deep-copies the model per sample as the original code does.
 
 trainer.decode_population says how the K+1 parameter sets decode the batch:
   sequential  one `generate` per parameter set, perturbing the live model in place
-  batched     one `generate` of (K+1)·B rows: θ and θ+Δ_k are stacked ((K+1) models of memory)
+  batched     one `generate` of (K+1)·B rows: θ and θ+Δ_k are stacked ((K+1) copies of the
+              searched tensors, trainer.perturb_params; the rest are shared)
               and group k of B rows uses its own parameters (mleps.population); the ids, and so
               the losses and the update, are those of sequential decoding (exact on CPU). Greedy only.
 
@@ -393,14 +394,17 @@ class MGS(UpdateRule):
         group i with θ+Δ_{mine[i-1]}, each from its slice of the stacked parameters. In population mode
         the micro-batches of other processes decode group 0 too (its result unused): one group in 1+|mine|."""
         t0 = time.perf_counter()
-        stacks = batched_decoding.stack_parameters(params, 1 + len(mine))  # every group starts as θ; θ stays untouched
+        # apply_perturbation_ leaves a tensor with σ_j = 0 alone (outside trainer.perturb_params, or a zero
+        # guide), so only the others are stacked; the rest stay shared by every group (no copies).
+        moved = [p for p, scale in zip(params, noise_scales) if scale != 0.0]
+        stacks = dict(zip(moved, batched_decoding.stack_parameters(moved, 1 + len(mine))))  # every group starts as θ
         perturbation_stats = np.zeros((len(samples), len(fields(PerturbationStats))))
         for group, k in enumerate(mine, start=1):
-            perturbation_stats[k] = astuple(apply_perturbation_(
-                [stack[group] for stack in stacks], guide, self.search, samples[k], noise_scales))
+            targets = [stacks[p][group] if p in stacks else p for p in params]  # θ itself is never written
+            perturbation_stats[k] = astuple(apply_perturbation_(targets, guide, self.search, samples[k], noise_scales))
         times["perturb_s"] += time.perf_counter() - t0
         base_stats, sample_stats = None, None
-        with batched_decoding.population(model, dict(zip(params, stacks))):
+        with batched_decoding.population(model, stacks):
             for shard, batch in decoded:
                 t0 = time.perf_counter()
                 groups = batched_decoding.decode(model, batch, 1 + len(mine), max_new_tokens=self.cfg.max_new_tokens)
