@@ -20,6 +20,8 @@ from pathlib import Path
 from mleps.reproduce import ROOT, read_events, write_json_atomic
 
 DIAGNOSTICS = ("ess", "guided_weight", "best_improvement", "loss_minus_perturbed_mean")
+# trainer.diagnose_every's held-out statistics (mleps/mgs_summary.py), reported where an arm logged them
+HELD_OUT = {"rank_corr": "diag_rank_correlation", "taken_minus_blind": "diag_taken_minus_blind"}
 ALPHA = 0.05  # significance level of the verdict
 
 
@@ -115,7 +117,13 @@ def run_row(run_dir: Path, higher_is_better: bool = True) -> dict:
             diag[key] = sum(e[key] for e in train) / len(train)
         diag["loss_minus_perturbed_mean"] = sum(e["task_loss"] - e["perturbed_loss_mean"] for e in train) / len(train)
         diag["num_samples"] = _config(run_dir).get("trainer", {}).get("num_samples")
-    timed = [e["step_s"] for e in train if e["step"] > 1] or [e["step_s"] for e in train]
+        for key, logged in HELD_OUT.items():  # trainer.diagnose_every: only the steps that ran it
+            values = [e[logged] for e in train if e.get(logged) is not None]
+            if values:
+                diag[key] = sum(values) / len(values)
+    # the held-out diagnostic's decodes are not training time
+    timed = [e["step_s"] - e.get("diagnose_s", 0.0) for e in train if e["step"] > 1] or \
+        [e["step_s"] - e.get("diagnose_s", 0.0) for e in train]
     return {"run_dir": str(run_dir), "steps": train[-1]["step"] if train else 0,
             "train_s": train[-1]["train_s"] if train else 0.0, "s_per_step": sum(timed) / max(len(timed), 1),
             "val_best": best["score"], "val_best_step": best["step"],
@@ -217,6 +225,9 @@ def summarize(rows: list[dict], base: dict | None, decodes: list[str],
             diags = [r["diagnostics"] for r in group if r["diagnostics"]]
             if diags:
                 s["diagnostics"] = {k: sum(d[k] for d in diags) / len(diags) for k in DIAGNOSTICS}
+                for k in HELD_OUT:
+                    if all(k in d for d in diags):
+                        s["diagnostics"][k] = sum(d[k] for d in diags) / len(diags)
                 s["diagnostics"]["num_samples"] = diags[0].get("num_samples")
             summary.setdefault(b, {})[arm] = s
     return summary
@@ -242,6 +253,11 @@ def significance(rows: list[dict], references: list[list[str]], metric: str) -> 
                 if baseline in arms and others:
                     for a, res in paired_bootstrap((baseline, arms[baseline]), others, references, metrics).items():
                         pairs[f"{a} vs {baseline}"] = res
+            for a in arms:  # an extra arm X_blind (uniform weights) against its own X: what X's weights add
+                twin = a.removesuffix("_blind")
+                if a not in STANDARD_ARMS and a != twin and twin in arms and twin not in STANDARD_ARMS:
+                    pairs[f"{a} vs {twin}"] = paired_bootstrap((twin, arms[twin]), [(a, arms[a])], references,
+                                                               metrics)[a]
             out.setdefault(b, {})[str(seed)] = pairs
     return out
 
@@ -272,6 +288,12 @@ def verdict(results: dict) -> list[str]:
                     text = compare_sentence(extra, name[other], [f["delta"] for f in found], [f["p"] for f in found],
                                             f"{metric} (greedy)")
                     sentences.append(f"At {label}: {text}")
+            twin = f"{extra}_blind vs {extra}"  # what the extra arm's weights add over its uniform-weight twin
+            found = [seeds[s][twin][key] for s in seeds if twin in seeds[s]]
+            if found:
+                text = compare_sentence(extra, f"{extra}_blind", [-f["delta"] for f in found], [f["p"] for f in found],
+                                        f"{metric} (greedy)")
+                sentences.append(f"At {label}: {text}")
         diag = results["summary"].get(b, {}).get("mgs", {}).get("diagnostics")
         if diag:
             k = diag.get("num_samples") or "K"
@@ -467,12 +489,21 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                                              if p in sig[s] else "-" for s in sig for mm in metrics] for p in pairs]
             lines += ["Paired bootstrap (sacrebleu, 1,000 resamples, seed 12345) on the greedy test predictions: "
                       "Δ = first minus second; p is two-sided.", "", markdown_table(header, rows), ""]
+        held_out = [k for k in HELD_OUT if any(k in s.get("diagnostics", {}) for s in arms.values())]
         diag_rows = [[ARM_NAMES.get(a, a)] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
+                     + [f"{s['diagnostics'][k]:.4f}" if k in s["diagnostics"] else "-" for k in held_out]
                      for a, s in arms.items() if "diagnostics" in s]
         if diag_rows:
-            lines += ["MGS diagnostics, averaged over the training steps of all seeds:", "",
+            lines += ["MGS diagnostics, averaged over the training steps of all seeds"
+                      + (" (the held-out columns over the steps that ran trainer.diagnose_every: Spearman "
+                         "correlation of the K samples' losses on the training batch and on a held-out "
+                         "validation batch; held-out task loss after the step taken minus after the "
+                         "uniform-weight step)" if held_out else "") + ":", "",
                       markdown_table(["arm", "ESS", "weight on guided samples", "best improvement",
-                                      "θ's task loss − mean perturbed loss"], diag_rows), ""]
+                                      "θ's task loss − mean perturbed loss"]
+                                     + [{"rank_corr": "held-out rank correlation",
+                                         "taken_minus_blind": "taken − blind (held out)"}[k] for k in held_out],
+                                     diag_rows), ""]
     if results.get("examples"):
         lines += examples_markdown(results["examples"])
     if results["verdict"]:

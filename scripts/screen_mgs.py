@@ -41,6 +41,10 @@ LEVERS = {
     "output": ["trainer.perturb_params=output"],
     "line_search": ["trainer.line_search_scales=[0.5,1,2,4]"],
     "line_search_only": ["trainer.line_search_scales=[0.5,1,2,4]", "trainer.proposal=zero"],
+    # noise large enough to change the decoded outputs (../shared/notes/weight-signal.md: at about 30x the
+    # first AdamW step the zero-centred samples' BLEU spreads by a point, rank-correlated across batches)
+    "wide": ["trainer.noise_scale=30"],
+    "wide_blind": ["trainer.noise_scale=30", "trainer.temperature=1e9"],
 }
 TABLE = ("lever", "seeds", *COLUMNS, "final_vs_blind", "best_vs_blind")
 

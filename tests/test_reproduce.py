@@ -135,3 +135,48 @@ def test_an_extra_arm_is_calibrated_run_and_compared_like_the_others(tmp_path):
     for bad, word in (({"mgs": ["trainer=mgs"]}, "fresh name"), ({"x": ["trainer.temperature=1"]}, "name its rule")):
         with pytest.raises(UserError, match=word):
             Reproduction("mt", "tiny", tmp_path, extra_arms=bad)
+
+
+def test_an_extra_arm_with_a_blind_twin_is_tested_against_it(tmp_path):
+    """--arm X=... --arm X_blind=...: the bootstrap pairs X_blind with X, and the verdict says what X's weights add."""
+    from mleps.reproduce_report import significance, verdict
+
+    good = [r[0] for r in REFS]
+    bad = ["a man rides a bike", "dogs in snow", "a woman reads", "children swim"] * 10
+    rows = []
+    for arm, hyps in (("mle", bad), ("mgs", bad), ("mgs_blind", bad), ("wide", good), ("wide_blind", bad)):
+        path = tmp_path / f"{arm}.txt"
+        path.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        rows.append({"budget": "equal_time", "arm": arm, "seed": 0, "test": {"greedy": {"predictions": str(path)}}})
+    pairs = significance(rows, REFS, "bleu")["equal_time"]["0"]
+    assert pairs["wide_blind vs wide"]["bleu"]["delta"] < -30 and pairs["wide_blind vs wide"]["bleu"]["p"] < 0.01
+    assert "mgs_blind vs mgs_blind" not in pairs and "wide vs wide" not in pairs
+    sentences = verdict({"significance": {"equal_time": {"0": pairs}}, "metric": "bleu", "summary": {}})
+    assert any(s.startswith("At equal time: wide beats wide_blind") for s in sentences), sentences
+
+
+def test_run_row_leaves_the_held_out_diagnostic_out_of_the_step_time(tmp_path):
+    from mleps.reproduce_report import run_row
+
+    events = [{"step": 0, "split": "validation", "score": 30.0, "train_s": 0.0}]
+    for step, diag in ((1, None), (2, 0.5), (3, None), (4, 0.1)):
+        e = {"step": step, "split": "train", "step_s": 2.0 + (5.0 if diag is not None else 0.0), "train_s": 2.0 * step,
+             "ess": 3.0, "guided_weight": 0.5, "best_improvement": 0.01, "task_loss": 0.6, "perturbed_loss_mean": 0.6}
+        if diag is not None:
+            e.update(diagnose_s=5.0, diag_rank_correlation=diag, diag_taken_minus_blind=-diag / 10)
+        events.append(e)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    row = run_row(tmp_path)
+    assert row["s_per_step"] == pytest.approx(2.0)
+    assert row["diagnostics"]["rank_corr"] == pytest.approx(0.3)  # the two steps that ran it
+    assert row["diagnostics"]["taken_minus_blind"] == pytest.approx(-0.03)
+
+
+def test_an_extra_arm_that_changes_only_weights_or_noise_shares_mgs_calibration(tmp_path):
+    mgs = ["trainer=mgs", "trainer.warm_start_steps=0"]
+    repro = Reproduction("mt", "tiny", tmp_path, extra_arms={
+        "wide": [*mgs, "trainer.noise_scale=30", "trainer.diagnose_every=2"],
+        "wide_blind": [*mgs, "trainer.noise_scale=30", "trainer.temperature=1e9"],
+        "big_k": [*mgs, "trainer.num_samples=8"]})
+    assert repro.cost_of == {"mgs_blind": "mgs", "wide": "mgs", "wide_blind": "mgs"}
+    assert repro.calibration_rules() == ["mle", "pg", "mrt", "mgs", "big_k"]  # more samples cost more: timed
