@@ -176,7 +176,8 @@ def collect(repro, commands: dict) -> dict:
         results["base"] = {"checkpoint": str(repro.base_checkpoint), "test": tests["base"], "selected_by": key,
                            "early_stop_step": stopped,
                            "val_best": pick((e[key] for e in base_val), default=None),
-                           "steps": max((e["step"] for e in base_val), default=None)}
+                           "steps": max((e["step"] for e in base_val), default=None),
+                           "curve": [[e["step"], e[key]] for e in base_val if key in e]}
     rows = []
     for (b, arm, seed), run_dir in repro.arm_runs().items():
         row = {"budget": b, "arm": arm, "seed": seed, **run_row(run_dir, task.higher_is_better)}
@@ -455,6 +456,10 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
         lines += ["## Base", "", f"Checkpoint `{where}`" + ("." if base["val_best"] is None else
                   f" (best validation {chosen} {base['val_best']:.{2 if chosen == m else 4}f}; the run stopped at "
                   f"step {base['steps']}, {how})."), ""]
+        if base.get("curve"):  # enough of the curve to judge "converged" by eye
+            shown_ = base["curve"][-6:]
+            lines += [f"Its last {len(shown_)} validation evaluations (step: {chosen}): "
+                      + ", ".join(f"{step}: {value:.{2 if chosen == m else 4}f}" for step, value in shown_) + ".", ""]
         keys = results.get("test_keys") or {"score": "test", "chrf": "chrf"}
         lines += [markdown_table(["decode"] + [column_label(n, m) for n in keys.values()],
                                  [[d] + [f"{base['test'][d][k]:.{digits(n)}f}" for k, n in keys.items()]
