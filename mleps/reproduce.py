@@ -309,6 +309,11 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def training_step_s(event: dict) -> float:
+    """A training event's step time without the held-out diagnostic (trainer.diagnose_every), which is not training."""
+    return event["step_s"] - event.get("diagnose_s", 0.0)
+
+
 def read_events(run_dir: Path, split: str) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -343,8 +348,8 @@ class Reproduction:
                 raise UserError(f"--arm {name}={' '.join(overrides)}: name its rule, e.g. --arm {name}='trainer=mgs "
                                 f"trainer.warm_start_steps=0 ...'")
             self.arms[name] = list(overrides)
-            if costed_like(overrides):
-                self.cost_of[name] = costed_like(overrides)
+            if like := costed_like(overrides):
+                self.cost_of[name] = like
         if extra_arms:
             self.task = dataclasses.replace(self.task, arms=[*self.task.arms, *extra_arms])
         if beams:
@@ -426,8 +431,7 @@ class Reproduction:
         """Mean `step_s` of each rule's calibration steps, the first step of each run left out (warm-up)."""
         seconds = {}
         for rule, dirs in self.calibration_dirs().items():
-            times = [e["step_s"] - e.get("diagnose_s", 0.0) for d in dirs for e in read_events(d, "train")
-                     if e["step"] > 1]
+            times = [training_step_s(e) for d in dirs for e in read_events(d, "train") if e["step"] > 1]
             seconds[rule] = sum(times) / len(times)
         for arm, like in self.cost_of.items():
             if arm in self.task.arms:

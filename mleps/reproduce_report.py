@@ -17,7 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from mleps.reproduce import ROOT, read_events, write_json_atomic
+from mleps.reproduce import ROOT, read_events, training_step_s, write_json_atomic
 
 DIAGNOSTICS = ("ess", "guided_weight", "best_improvement", "loss_minus_perturbed_mean")
 # trainer.diagnose_every's held-out statistics (mleps/mgs_summary.py), reported where an arm logged them
@@ -121,9 +121,7 @@ def run_row(run_dir: Path, higher_is_better: bool = True) -> dict:
             values = [e[logged] for e in train if e.get(logged) is not None]
             if values:
                 diag[key] = sum(values) / len(values)
-    # the held-out diagnostic's decodes are not training time
-    timed = [e["step_s"] - e.get("diagnose_s", 0.0) for e in train if e["step"] > 1] or \
-        [e["step_s"] - e.get("diagnose_s", 0.0) for e in train]
+    timed = [training_step_s(e) for e in train if e["step"] > 1] or [training_step_s(e) for e in train]
     return {"run_dir": str(run_dir), "steps": train[-1]["step"] if train else 0,
             "train_s": train[-1]["train_s"] if train else 0.0, "s_per_step": sum(timed) / max(len(timed), 1),
             "val_best": best["score"], "val_best_step": best["step"],
