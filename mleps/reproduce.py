@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,14 +270,20 @@ class Runner:
     def __init__(self, jobs: int = 2, progress: bool = True):
         self.jobs = max(1, jobs)
         self.progress = progress
-        # One torch thread per process when several run at once: they share the cores.
-        threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        self.env = self.env_for(self.jobs)
+
+    @staticmethod
+    def env_for(at_once: int) -> dict[str, str]:
+        """The processes' environment when `at_once` run together: they share the cores, so each gets its
+        share of torch threads (a stage of one job, such as the base, gets them all)."""
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, at_once)))
+        return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     def run_stage(self, stage: str, jobs: list[Job]) -> None:
         from tqdm.auto import tqdm
 
         todo = [j for j in jobs if not j.done]
+        self.env = self.env_for(min(self.jobs, len(todo)))
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"{stage:<12}", disable=not self.progress,
                    dynamic_ncols=True, leave=True, file=sys.stdout)
         with ThreadPoolExecutor(self.jobs) as pool:
@@ -586,13 +593,28 @@ class Reproduction:
         return [("base", self.stage_base), ("calibration", self.stage_calibration),
                 ("lr_search", self.stage_lr_search), ("arms", self.stage_arms), ("test", self.stage_test)]
 
+    @property
+    def timings_file(self) -> Path:
+        return self.out / "timings.json"
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Wall seconds each stage has spent running jobs, summed over every invocation of the driver
+        (a resumed one adds its own; a stage found finished adds nothing)."""
+        return json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         commands = {}
         for name, make in self.stages():
             jobs = make()
             commands[name] = [shown(j.argv) for j in jobs]
+            todo = sum(not j.done for j in jobs)
+            start = time.monotonic()
             self.runner.run_stage(name, jobs)
+            if todo:
+                seconds = self.stage_seconds()
+                seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
+                write_json_atomic(self.timings_file, seconds)
         from mleps.reproduce_report import collect
 
         return collect(self, commands)

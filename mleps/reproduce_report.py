@@ -159,6 +159,7 @@ def collect(repro, commands: dict) -> dict:
         "lr_search": {"scores": {f"{k:g}": v for k, v in repro.lr_scores().items()}, "chosen": lr}
         if lr is not None else None,
         "commands": commands,
+        "stage_s": repro.stage_seconds(),
     }
     if not task.from_scratch and repro.given_base is None:  # as it was run (it may predate this driver)
         results["commands"]["base"] = [recorded_command(repro.base_dir)]
@@ -521,6 +522,12 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
         for (_, d), (s1, s2) in sigs.items():
             lines += [f"- {d}: `{s1}`" + (f"; chrF `{s2}`" if s2 else "")]
         lines += [""]
+    if results.get("stage_s"):
+        stage_s = results["stage_s"]
+        lines += ["## Wall time", "", "Wall time the driver spent running each stage's jobs on this machine (summed over "
+                  "resumed invocations; a stage run earlier outside the driver, such as a placed base, counts nothing):",
+                  "", markdown_table(["stage", "minutes"], [[k, f"{v / 60:.1f}"] for k, v in stage_s.items()]
+                                     + [["total", f"{sum(stage_s.values()) / 60:.1f}"]]), ""]
     lines += ["## Commands", "", "Run by the driver, `--out` " f"`{results['out']}` (one log per run under its "
               "`logs/`; all commands are in the JSON). The arms of the first seed; the other seeds differ in "
               "`seed=` and the folder only:", "", "```"]

@@ -119,10 +119,15 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path, data_dir):
     for b in ("equal_time", "equal_steps"):
         assert (docs / "img" / f"mt-{b}.png").stat().st_size > 10_000
     # a second call finds everything done: no run starts again, the same numbers come out
+    # the wall time of every stage is kept and reported
+    timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
+    assert set(timings) == {"base", "calibration", "lr_search", "arms", "test"} and min(timings.values()) > 0
+    assert results["stage_s"] == timings and "## Wall time" in md
     logs = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "logs").iterdir()}
     again = _reproduce(tmp_path, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs" / "logs").iterdir()} == logs
+    assert json.loads((tmp_path / "runs" / "timings.json").read_text()) == timings  # nothing ran, nothing added
     assert json.loads((docs / "results" / "mt.json").read_text())["runs"] == results["runs"]
 
 
@@ -180,3 +185,11 @@ def test_an_extra_arm_that_changes_only_weights_or_noise_shares_mgs_calibration(
         "big_k": [*mgs, "trainer.num_samples=8"]})
     assert repro.cost_of == {"mgs_blind": "mgs", "wide": "mgs", "wide_blind": "mgs"}
     assert repro.calibration_rules() == ["mle", "pg", "mrt", "mgs", "big_k"]  # more samples cost more: timed
+
+
+def test_a_stage_of_one_job_gets_every_core_and_a_shared_stage_splits_them(monkeypatch):
+    from mleps.reproduce import Runner
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert Runner.env_for(1)["OMP_NUM_THREADS"] == "4"
+    assert Runner.env_for(2)["OMP_NUM_THREADS"] == "2" and Runner.env_for(8)["OMP_NUM_THREADS"] == "1"

@@ -27,3 +27,5 @@ def test_tiny_scratch_curves(tmp_path, data_dir):
     assert all(r["curve"][0][0] == 0 and len(r["curve"]) >= 2 for r in results["runs"])
     assert not (tmp_path / "runs" / "test").exists() and "init_from" not in json.dumps(results["commands"])
     assert (docs / "img" / "scratch-equal_time.png").stat().st_size > 10_000
+    timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
+    assert set(timings) == {"calibration", "arms"} and "## Wall time" in (docs / "scratch.md").read_text()
