@@ -193,3 +193,27 @@ def test_a_stage_of_one_job_gets_every_core_and_a_shared_stage_splits_them(monke
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert Runner.env_for(1)["OMP_NUM_THREADS"] == "4"
     assert Runner.env_for(2)["OMP_NUM_THREADS"] == "2" and Runner.env_for(8)["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("task", ["mt", "summarization", "completion"])
+def test_the_base_and_every_arm_train_on_the_same_pairs_and_batch(tmp_path, task):
+    """A base trained on a subset, or with another batch, than its arms would make "continued MLE"
+    something else than continuing the base's training."""
+    repro = Reproduction(task, "cpu", tmp_path)
+
+    def setting(argv):
+        last = {}
+        for o in argv:
+            key = o.split("=", 1)[0]
+            if key in ("data.max_train_examples", "trainer.batch_size"):
+                last[key] = o
+        return last
+
+    base = setting(repro.stage_base()[0].argv)
+    for arm in repro.task.arms:
+        assert setting(repro.rule_overrides(arm, 10, seed=0, lr=1e-4)) == base, arm
+
+
+def test_the_summarization_base_stops_on_cross_entropy(tmp_path):
+    argv = Reproduction("summarization", "cpu", tmp_path).stage_base()[0].argv
+    assert "eval.select=cross_entropy" in argv and "trainer.patience=3" in argv
