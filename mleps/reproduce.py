@@ -290,7 +290,8 @@ class Runner:
         threads = str(max(1, (os.cpu_count() or 1) // max(1, at_once)))
         return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
-    def run_stage(self, stage: str, jobs: list[Job]) -> None:
+    def run_stage(self, stage: str, jobs: list[Job], on_done: Callable[[], None] | None = None) -> None:
+        """Runs the jobs not yet done; `on_done` is called after each one finishes."""
         from tqdm.auto import tqdm
 
         todo = [j for j in jobs if not j.done]
@@ -301,6 +302,8 @@ class Runner:
             for job in pool.map(self._run, todo):
                 bar.set_postfix_str(job.name)
                 bar.update(1)
+                if on_done is not None:
+                    on_done()
         bar.close()
 
     def _run(self, job: Job) -> Job:
@@ -610,7 +613,8 @@ class Reproduction:
 
     def stage_seconds(self) -> dict[str, float]:
         """Wall seconds each stage has spent running jobs, summed over every invocation of the driver
-        (a resumed one adds its own; a stage found finished adds nothing)."""
+        (a resumed one adds its own; a stage found finished adds nothing). Written after every finished
+        job, so a killed driver loses only the time since its last finished job."""
         return json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
 
     def run(self) -> dict:
@@ -619,13 +623,14 @@ class Reproduction:
         for name, make in self.stages():
             jobs = make()
             commands[name] = [shown(j.argv) for j in jobs]
-            todo = sum(not j.done for j in jobs)
-            start = time.monotonic()
-            self.runner.run_stage(name, jobs)
-            if todo:
+            before, start = self.stage_seconds().get(name, 0.0), time.monotonic()
+
+            def record(name=name, before=before, start=start):
                 seconds = self.stage_seconds()
-                seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
+                seconds[name] = before + time.monotonic() - start
                 write_json_atomic(self.timings_file, seconds)
+
+            self.runner.run_stage(name, jobs, on_done=record)
         from mleps.reproduce_report import collect
 
         return collect(self, commands)

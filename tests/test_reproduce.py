@@ -217,3 +217,23 @@ def test_the_base_and_every_arm_train_on_the_same_pairs_and_batch(tmp_path, task
 def test_the_summarization_base_stops_on_cross_entropy(tmp_path):
     argv = Reproduction("summarization", "cpu", tmp_path).stage_base()[0].argv
     assert "eval.select=cross_entropy" in argv and "trainer.patience=3" in argv
+
+
+def test_a_killed_stage_keeps_the_time_of_its_finished_jobs(tmp_path):
+    """The wall time is written after every job: a stage that stops half-way (killed, or a run that
+    fails) still counts the jobs that finished, and the next invocation adds to it."""
+    from mleps.reproduce import Job, RunFailed
+
+    def job(name, module):
+        done = tmp_path / f"{name}.done"
+        return Job(name, [module, "--help"], done, tmp_path / f"{name}.log", after=lambda j: j.done_file.touch())
+
+    repro = Reproduction("mt", "tiny", tmp_path / "out", jobs=1, progress=False)
+    repro.stages = lambda: [("test", lambda: [job("ok", "json.tool"), job("bad", "no_such_module_here")])]
+    with pytest.raises(RunFailed):
+        repro.run()
+    first = repro.stage_seconds()["test"]
+    assert first > 0
+    with pytest.raises(RunFailed):  # resumed: "ok" is done and skipped, "bad" fails again
+        repro.run()
+    assert repro.stage_seconds()["test"] == first  # no job finished this time: nothing added
