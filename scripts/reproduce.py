@@ -1,6 +1,6 @@
 """Reproduce the paper's comparisons in one resumable command.
 
-    python scripts/reproduce.py mt                      # the MT comparison, CPU budget (<= 100 min)
+    python scripts/reproduce.py mt                      # the MT comparison, CPU budget (target 100 min; the report times each stage)
     python scripts/reproduce.py mt --budget tiny --out /tmp/r   # the pipeline in ~2 minutes
     python scripts/reproduce.py summarization           # AESLC, ROUGE-L, a smaller budget
     python scripts/reproduce.py scratch                 # MLE, PG and MGS from random weights
