@@ -150,7 +150,7 @@ def collect(repro, commands: dict) -> dict:
     lr = repro.best_lr()
     results = {
         "task": task.name, "budget": budget.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-        "test_keys": task.test_keys, "commit": git_commit(),
+        "test_keys": task.test_keys, "from_scratch": task.from_scratch, "commit": git_commit(),
         "date": datetime.date.today().isoformat(), "seeds": repro.seeds, "train_s": budget.train_s,
         "notes": budget.notes, "out": str(repro.out),
         "decodes": [] if task.from_scratch else list(repro.decodes()),
@@ -373,7 +373,12 @@ STANDARD_ARMS = ("mle", "pg", "mrt", "mgs", "mgs_blind")
 ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "mrt": "MRT", "mgs": "MGS", "mgs_blind": "MGS-blind (uniform weights)"}
 
 
-def plot_curves(rows: list[dict], budget: str, metric: str, out: Path) -> Path:
+def arm_names(results: dict) -> dict[str, str]:
+    """Display names; from random weights MLE continues nothing."""
+    return {**ARM_NAMES, "mle": "MLE from scratch"} if results.get("from_scratch") else ARM_NAMES
+
+
+def plot_curves(rows: list[dict], budget: str, metric: str, out: Path, names: dict[str, str] = ARM_NAMES) -> Path:
     """Validation score against step and against training time: mean over seeds, min-max band."""
     import matplotlib
 
@@ -392,7 +397,7 @@ def plot_curves(rows: list[dict], budget: str, metric: str, out: Path) -> Path:
         scores = [[c[i][2] for c in curves] for i in range(n)]
         mean = [sum(s) / len(s) for s in scores]
         for ax, x in ((by_step, steps), (by_time, minutes)):
-            line, = ax.plot(x, mean, marker="o", ms=3, label=f"{ARM_NAMES.get(arm, arm)} ({len(curves)} seeds)")
+            line, = ax.plot(x, mean, marker="o", ms=3, label=f"{names.get(arm, arm)} ({len(curves)} seeds)")
             ax.fill_between(x, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(), alpha=0.2)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training time (min, mean over seeds)")
@@ -437,7 +442,8 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                 " Equal steps: every rule runs MGS's step count."), ""]
     steps = results["calibration"]["arm_steps"]
     header = ["rule", "s/step (calibration)"] + [f"steps, {b.replace('_', ' ')}" for b in steps]
-    lines += [markdown_table(header, [[ARM_NAMES.get(a, a), f"{s:.3f}"] + [steps[b][a] for b in steps]
+    names = arm_names(results)
+    lines += [markdown_table(header, [[names.get(a, a), f"{s:.3f}"] + [steps[b][a] for b in steps]
                                       for a, s in results["calibration"]["step_s"].items()]), ""]
     if results.get("lr_search"):
         ls = results["lr_search"]
@@ -473,7 +479,7 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                 header += [f"{column_label(n, m)} {d}", "Δ base"]
         rows = []
         for arm, s in arms.items():
-            row = [ARM_NAMES.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}",
+            row = [names.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}",
                    fmt(*s["val_best"], digits=2 if results.get("higher_is_better", True) else 4)]
             for d in decodes:
                 for name in names:
@@ -494,7 +500,7 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
             lines += ["Paired bootstrap (sacrebleu, 1,000 resamples, seed 12345) on the greedy test predictions: "
                       "Δ = first minus second; p is two-sided.", "", markdown_table(header, rows), ""]
         held_out = [k for k in HELD_OUT if any(k in s.get("diagnostics", {}) for s in arms.values())]
-        diag_rows = [[ARM_NAMES.get(a, a)] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
+        diag_rows = [[names.get(a, a)] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
                      + [f"{s['diagnostics'][k]:.4f}" if k in s["diagnostics"] else "-" for k in held_out]
                      for a, s in arms.items() if "diagnostics" in s]
         if diag_rows:
@@ -546,7 +552,8 @@ def write_report(results: dict, md: Path, img_dir: Path, json_path: Path, comman
     written = {}
     plots = {}
     for b in results["summary"]:
-        path = plot_curves(results["runs"], b, results["metric"], img_dir / f"{results['task']}-{b}.png")
+        path = plot_curves(results["runs"], b, results["metric"], img_dir / f"{results['task']}-{b}.png",
+                           arm_names(results))
         written[f"plot_{b}"] = path
         plots[b] = os.path.relpath(path, md.parent)
     write_json_atomic(json_path, results)

@@ -28,4 +28,6 @@ def test_tiny_scratch_curves(tmp_path, data_dir):
     assert not (tmp_path / "runs" / "test").exists() and "init_from" not in json.dumps(results["commands"])
     assert (docs / "img" / "scratch-equal_time.png").stat().st_size > 10_000
     timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
-    assert set(timings) == {"calibration", "arms"} and "## Wall time" in (docs / "scratch.md").read_text()
+    md = (docs / "scratch.md").read_text()
+    assert set(timings) == {"calibration", "arms"} and "## Wall time" in md
+    assert "MLE from scratch" in md and "continued" not in md  # nothing to continue from random weights
