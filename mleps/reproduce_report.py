@@ -442,8 +442,8 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                 " Equal steps: every rule runs MGS's step count."), ""]
     steps = results["calibration"]["arm_steps"]
     header = ["rule", "s/step (calibration)"] + [f"steps, {b.replace('_', ' ')}" for b in steps]
-    names = arm_names(results)
-    lines += [markdown_table(header, [[names.get(a, a), f"{s:.3f}"] + [steps[b][a] for b in steps]
+    label_of = arm_names(results)
+    lines += [markdown_table(header, [[label_of.get(a, a), f"{s:.3f}"] + [steps[b][a] for b in steps]
                                       for a, s in results["calibration"]["step_s"].items()]), ""]
     if results.get("lr_search"):
         ls = results["lr_search"]
@@ -479,7 +479,7 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                 header += [f"{column_label(n, m)} {d}", "Δ base"]
         rows = []
         for arm, s in arms.items():
-            row = [names.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}",
+            row = [label_of.get(arm, arm), f"{s['steps'][0]:.0f}", f"{s['s_per_step'][0]:.3f}",
                    fmt(*s["val_best"], digits=2 if results.get("higher_is_better", True) else 4)]
             for d in decodes:
                 for name in names:
@@ -500,7 +500,7 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
             lines += ["Paired bootstrap (sacrebleu, 1,000 resamples, seed 12345) on the greedy test predictions: "
                       "Δ = first minus second; p is two-sided.", "", markdown_table(header, rows), ""]
         held_out = [k for k in HELD_OUT if any(k in s.get("diagnostics", {}) for s in arms.values())]
-        diag_rows = [[names.get(a, a)] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
+        diag_rows = [[label_of.get(a, a)] + [f"{s['diagnostics'][k]:.4f}" for k in DIAGNOSTICS]
                      + [f"{s['diagnostics'][k]:.4f}" if k in s["diagnostics"] else "-" for k in held_out]
                      for a, s in arms.items() if "diagnostics" in s]
         if diag_rows:
