@@ -101,7 +101,7 @@ TASKS = {
     # 3.99 at step 200) while the cross-entropy was still falling fast.
     "summarization": Task("summarization", "aeslc", "rouge", ["data=aeslc", "metric=rouge"],
                           ["mle", "pg", "mrt", "mgs", "mgs_blind"], base_select="cross_entropy"),
-    "scratch": Task("scratch", "multi30k_de_en", "bleu", [], ["mle", "pg", "mgs"], from_scratch=True),
+    "scratch": Task("scratch", "multi30k_de_en", "bleu", [], ["mle", "pg", "mgs", "mgs_blind"], from_scratch=True),
     "completion": Task("completion", "completion", "composite", COMPLETION, ["mle", "pg", "mrt", "mgs", "mgs_blind"],
                        higher_is_better=False, budgets=("equal_time",), base_select="cross_entropy",
                        test_keys={"score": "task_loss", **{k: k for k in ("repetition", "nontermination", "edit",
@@ -182,7 +182,7 @@ BUDGETS = {
     ("scratch", "cpu"): Budget(
         "cpu", train_s=600, base=[], arm_eval_examples=300, seeds=(0,), lrs=(), calibration_rounds=1,
         evaluations_per_arm=8,
-        notes="MLE (its from-scratch recipe: lr 1e-3, inverse-sqrt warm-up), PG and MGS (no warm start) "
+        notes="MLE (its from-scratch recipe: lr 1e-3, inverse-sqrt warm-up), PG, MGS and MGS-blind (no warm start) "
               "from random weights, validated 8 times on 300 sentences; curves only, no test."),
     ("scratch", "tiny"): Budget("tiny", train_s=1.0, base=[], **{**TINY, "lrs": (), "seeds": (0,)},
                                 notes="the tests' tiny model"),

@@ -23,7 +23,7 @@ def test_tiny_scratch_curves(tmp_path, data_dir):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((docs / "scratch.json").read_text())
-    assert sorted(r["arm"] for r in results["runs"]) == ["mgs", "mle", "pg"]
+    assert sorted(r["arm"] for r in results["runs"]) == ["mgs", "mgs_blind", "mle", "pg"]
     assert all(r["curve"][0][0] == 0 and len(r["curve"]) >= 2 for r in results["runs"])
     assert not (tmp_path / "runs" / "test").exists() and "init_from" not in json.dumps(results["commands"])
     assert (docs / "img" / "scratch-equal_time.png").stat().st_size > 10_000
