@@ -281,7 +281,6 @@ class Runner:
     def __init__(self, jobs: int = 2, progress: bool = True):
         self.jobs = max(1, jobs)
         self.progress = progress
-        self.env = self.env_for(self.jobs)
 
     @staticmethod
     def env_for(at_once: int) -> dict[str, str]:
@@ -295,23 +294,23 @@ class Runner:
         from tqdm.auto import tqdm
 
         todo = [j for j in jobs if not j.done]
-        self.env = self.env_for(min(self.jobs, len(todo)))
+        env = self.env_for(min(self.jobs, len(todo)))
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"{stage:<12}", disable=not self.progress,
                    dynamic_ncols=True, leave=True, file=sys.stdout)
         with ThreadPoolExecutor(self.jobs) as pool:
-            for job in pool.map(self._run, todo):
+            for job in pool.map(lambda j: self._run(j, env), todo):
                 bar.set_postfix_str(job.name)
                 bar.update(1)
                 if on_done is not None:
                     on_done()
         bar.close()
 
-    def _run(self, job: Job) -> Job:
+    def _run(self, job: Job, env: dict[str, str]) -> Job:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         with open(job.log, "a") as log:
             log.write(f"\n$ {shown(job.command()[2:])}\n")
             log.flush()
-            proc = subprocess.run(job.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(job.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             tail = job.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
             raise RunFailed(f"{job.name} failed (exit {proc.returncode}): {tail[0][:300]} -- see {job.log}; "
@@ -619,14 +618,13 @@ class Reproduction:
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        commands = {}
+        commands, seconds = {}, self.stage_seconds()
         for name, make in self.stages():
             jobs = make()
             commands[name] = [shown(j.argv) for j in jobs]
-            before, start = self.stage_seconds().get(name, 0.0), time.monotonic()
+            before, start = seconds.get(name, 0.0), time.monotonic()
 
-            def record(name=name, before=before, start=start):
-                seconds = self.stage_seconds()
+            def record():  # called inside run_stage, so name, before and start are this stage's
                 seconds[name] = before + time.monotonic() - start
                 write_json_atomic(self.timings_file, seconds)
 

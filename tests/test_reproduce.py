@@ -201,13 +201,9 @@ def test_the_base_and_every_arm_train_on_the_same_pairs_and_batch(tmp_path, task
     something else than continuing the base's training."""
     repro = Reproduction(task, "cpu", tmp_path)
 
-    def setting(argv):
-        last = {}
-        for o in argv:
-            key = o.split("=", 1)[0]
-            if key in ("data.max_train_examples", "trainer.batch_size"):
-                last[key] = o
-        return last
+    def setting(argv):  # the last override of each key wins, as in Hydra
+        return {o.split("=", 1)[0]: o for o in argv if o.split("=", 1)[0] in ("data.max_train_examples",
+                                                                              "trainer.batch_size")}
 
     base = setting(repro.stage_base()[0].argv)
     for arm in repro.task.arms:
