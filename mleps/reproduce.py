@@ -60,7 +60,7 @@ COST_OF = {"mgs_blind": "mgs"}  # the same decodes per step: one calibration ser
 # arm only in these is costed like it (one calibration, and its runs serve both budgets). The
 # held-out diagnostic does cost time, but it is left out of every step time (step_s - diagnose_s).
 COST_FREE = ("trainer.temperature", "trainer.target_ess", "trainer.weighting", "trainer.noise_scale",
-             "trainer.mixture_weight", "trainer.diagnose_every", "trainer.diagnose_examples")
+             "trainer.mixture_weight", "trainer.antithetic", "trainer.diagnose_every", "trainer.diagnose_examples")
 
 
 def costed_like(overrides: list[str]) -> str | None:

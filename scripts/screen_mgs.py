@@ -37,6 +37,7 @@ LEVERS = {
     "rank": ["trainer.weighting=rank", "trainer.temperature=0.3"],
     "antithetic": ["trainer.antithetic=true"],
     "scoring_batch": ["trainer.scoring_batch_size=256"],  # with the default batch_size 64
+    "samples8": ["trainer.num_samples=8"],  # twice the decodes of the default K = 4
     "norms_biases": ["trainer.perturb_params=norms_biases"],
     "output": ["trainer.perturb_params=output"],
     "line_search": ["trainer.line_search_scales=[0.5,1,2,4]"],

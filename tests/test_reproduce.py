@@ -182,8 +182,9 @@ def test_an_extra_arm_that_changes_only_weights_or_noise_shares_mgs_calibration(
     repro = Reproduction("mt", "tiny", tmp_path, extra_arms={
         "wide": [*mgs, "trainer.noise_scale=30", "trainer.diagnose_every=2"],
         "wide_blind": [*mgs, "trainer.noise_scale=30", "trainer.temperature=1e9"],
+        "mirrored": [*mgs, "trainer.antithetic=true"],  # the same K decodes, the noise drawn in pairs
         "big_k": [*mgs, "trainer.num_samples=8"]})
-    assert repro.cost_of == {"mgs_blind": "mgs", "wide": "mgs", "wide_blind": "mgs"}
+    assert repro.cost_of == {"mgs_blind": "mgs", "wide": "mgs", "wide_blind": "mgs", "mirrored": "mgs"}
     assert repro.calibration_rules() == ["mle", "pg", "mrt", "mgs", "big_k"]  # more samples cost more: timed
 
 
