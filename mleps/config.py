@@ -154,6 +154,8 @@ class MGSConfig(TrainerConfig):
     line_search_scales: List[float] = field(default_factory=list)  # extra noiseless samples at s x mu, e.g. [0.5,1,2,4]
     diagnose_every: Optional[int] = None  # every N steps: held-out rank agreement, taken vs blind step (null = off)
     diagnose_examples: int = 64  # the first N validation examples, the diagnostic's fixed held-out batch
+    # A measurement, not a method: weigh the samples by their task loss on validation rows [start, stop)
+    oracle_rows: Optional[List[int]] = None
 
 
 @dataclass

@@ -241,6 +241,8 @@ class Loop:
         self.val_tokenized = (tokenize(self.val_ds, tokenizer, cfg.data, self.source_prefix)
                               if self.val_ds is not None else None)  # for the references' cross-entropy
         self.collate = Collator(tokenizer, model, cfg.data.loss_on)
+        oracle_rows = cfg.trainer.get("oracle_rows")
+        self.oracle_tokenized = self._oracle_rows(oracle_rows) if oracle_rows is not None else None
         self._check_task_losses()  # before the run dir is touched
         # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
         distributed.on_main_then_broadcast(self.accelerator,
@@ -281,12 +283,31 @@ class Loop:
                           accelerator=self.accelerator, seed=self.cfg.seed)
         rule.optimizer = optimizer  # rules that centre proposals on the optimizer's next step read it
         if tcfg.get("diagnose_every") and self.val_tokenized is not None:  # MGS's held-out diagnostic batch
-            rows = self.collate(self.val_tokenized[:tcfg.diagnose_examples])
-            rule.diagnostic_batch = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v)
-                                     for k, v in rows.items()}
+            rule.diagnostic_batch = self._on_device(self.collate(self.val_tokenized[:tcfg.diagnose_examples]))
+        if tcfg.get("oracle_rows") is not None:  # MGS weighted on held-out rows (a measurement)
+            rule.oracle_batch = self._on_device(self.collate(self.oracle_tokenized[:]))
         stream = BatchStream(self.train_ds, rule.rows_per_micro_batch, self.cfg.seed, self.accelerator.process_index,
                              self.accelerator.num_processes, tcfg.gradient_accumulation_steps)
         return model, optimizer, scheduler, rule, stream
+
+    def _on_device(self, rows: dict) -> dict:
+        return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in rows.items()}
+
+    def _oracle_rows(self, rows):
+        """trainer.oracle_rows: validation rows [start, stop), tokenized, none of them among the rows that
+        select checkpoints (the first data.max_eval_examples)."""
+        start, stop = rows
+        selecting = len(self.val_ds)
+        if start < selecting:
+            raise UserError(f"trainer.oracle_rows={list(rows)} overlaps the {selecting} validation rows that select "
+                            f"checkpoints: start at {selecting} or later, or lower data.max_eval_examples to {start}")
+        whole = load_split(OmegaConf.merge(self.cfg.data, {"max_eval_examples": None}), "validation")
+        if self.cfg.data.task == "completion":
+            whole = completion_pairs(whole, self.tokenizer, self.cfg.data, "validation")
+        if stop > len(whole):
+            raise UserError(f"trainer.oracle_rows={list(rows)}: the validation set has {len(whole)} rows; "
+                            f"stop at {len(whole)} or fewer")
+        return tokenize(whole.select(range(start, stop)), self.tokenizer, self.cfg.data, self.source_prefix)
 
     # -- evaluation ----------------------------------------------------------
     def evaluate(self, step: int, phase: Phase) -> float | None:

@@ -5,7 +5,8 @@
 Prints the run's summary (mleps/mgs_summary.py says what each column measures), then up to
 --rows logged training steps of the main phase, evenly spaced, with the validation score
 of the nearest evaluation at or before each. The diagnostic columns (rank_corr,
-taken−blind) need trainer.diagnose_every; without it they show "-".
+taken−blind) need trainer.diagnose_every, the oracle ones trainer.oracle_rows; columns a run did not
+log are left out.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from mleps.mgs_summary import COLUMNS, format_value, markdown_table, read_events
 
 STEP_COLUMNS = {"step": "step", "task_loss": "task_loss", "ess_share": "ess_share", "guided_weight": "guided",
                 "loss_spread_std": "spread", "temperature": "alpha", "diag_rank_correlation": "rank_corr",
-                "diag_taken_minus_blind": "taken-blind", "update_norm": "update_norm", "step_s": "s/step"}
+                "diag_taken_minus_blind": "taken-blind", "oracle_rank_correlation": "oracle_rank_corr",
+                "oracle_best_improvement": "oracle_best", "update_norm": "update_norm", "step_s": "s/step"}
 
 
 def main() -> None:

@@ -74,6 +74,44 @@ def test_diagnostics_change_nothing_and_score_the_step_taken(warm, monkeypatch):
     assert stats["diag_taken_minus_blind"] == pytest.approx(stats["diag_taken_loss"] - stats["diag_blind_loss"])
 
 
+def test_oracle_rows_weigh_the_samples_by_their_held_out_losses(warm, monkeypatch):
+    """Weighted on the training batch itself, the oracle is the plain rule bit for bit; on other rows its
+    weights are importance_weights of those rows' losses (recomputed here), and θ is left as it was."""
+    from mleps.trainers import mgs as mgs_module
+
+    tokenizer = warm[0]
+    model, rule, batch = fresh(warm)
+    plain_stats = rule.step(batch, step=2)
+    plain = grads(model)
+    model, rule, batch = fresh(warm, oracle_rows=[0, 12])
+    rule.oracle_batch = batch
+    rule.step(batch, step=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads(model)))
+
+    model, rule, batch = fresh(warm, oracle_rows=[0, 12])
+    rule.oracle_batch = held_out(tokenizer, model)
+    theta = params_of(model)
+    stats = rule.step(batch, step=2)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), theta)), "θ restored bit for bit"
+    assert not all(torch.allclose(a, b) for a, b in zip(plain, grads(model))), "other rows, other weights"
+    assert stats["task_loss"] == plain_stats["task_loss"], "the logged task loss is still the training batch's"
+    assert -1.0 <= stats["oracle_rank_correlation"] <= 1.0
+    # the weights are computed from exactly the held-out losses the rule measured
+    model, rule, batch = fresh(warm, oracle_rows=[0, 12])
+    rule.oracle_batch = held_out(tokenizer, model)
+    seen = {}
+    real_losses, real_weights = rule._held_out_losses, mgs_module.importance_weights
+    monkeypatch.setattr(rule, "_held_out_losses", lambda *a: seen.setdefault("held_out", real_losses(*a)))
+    monkeypatch.setattr(mgs_module, "importance_weights",
+                        lambda cfg, samples, losses, base, stats: seen.setdefault("weighed", (base, list(losses))) and
+                        real_weights(cfg, samples, losses, base, stats))
+    stats = rule.step(batch, step=2)
+    base, losses = seen["held_out"]
+    assert seen["weighed"] == (base, losses)
+    assert stats["oracle_best_improvement"] == pytest.approx(base - min(losses))
+    assert stats["oracle_task_loss"] == base
+
+
 def test_target_ess_sets_the_temperature_each_step(warm):
     model, rule, batch = fresh(warm, num_samples=8, target_ess=0.5)
     stats = rule.step(batch, step=0)
@@ -171,6 +209,8 @@ def test_rank_weighting_depends_on_the_order_of_losses_only(warm, monkeypatch):
     ({"weighting": "softmax"}, "weighting"),
     ({"antithetic": True, "num_samples": 3}, "even"),
     ({"line_search_scales": [1.0], "density": "exact"}, "line_search_scales"),
+    ({"oracle_rows": [5, 2]}, "trainer.oracle_rows"),
+    ({"oracle_rows": [3]}, "trainer.oracle_rows"),
 ])
 def test_bad_lever_values_are_one_line_user_errors(override, needle):
     cfg = OmegaConf.merge(OmegaConf.structured(MGSConfig), override)
@@ -203,3 +243,16 @@ def test_loop_with_diagnostics_trains_the_same_weights_and_logs_them(tmp_path, c
     code, _, err = run_main("mleps.train", *common, "trainer.diagnose_every=1", "data.validation_file=null",
                             f"output_dir={tmp_path / 'bad'}", capfd=capfd)
     assert_user_error(code, err, "trainer.diagnose_every")
+
+    # trainer.oracle_rows through the loop: rows after the checkpoint-selecting subset, logged every step
+    code, _, err = run_main("mleps.train", *common, "trainer.oracle_rows=[8,12]", f"output_dir={tmp_path / 'oracle'}",
+                            capfd=capfd)
+    assert code == 0, err
+    steps = [e for e in read_jsonl(tmp_path / "oracle" / "metrics.jsonl")
+             if e.get("split") == "train" and e.get("phase") == "main" and "event" not in e]
+    assert len(steps) == 3 and all("oracle_task_loss" in e and e["oracle_s"] > 0 for e in steps)  # corr.: NaN on ties
+    for i, (rows, needle) in enumerate((("[4,12]", "overlaps the 8 validation rows"), ("[8,100000]", "stop at"))):
+        bad = tmp_path / f"bad-oracle-{i}"
+        code, _, err = run_main("mleps.train", *common, f"trainer.oracle_rows={rows}", f"output_dir={bad}", capfd=capfd)
+        assert_user_error(code, err, needle)
+        assert not (bad / "metrics.jsonl").exists(), "refused before the run dir is prepared"

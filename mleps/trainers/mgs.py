@@ -46,6 +46,11 @@ trainer.diagnose_every: every N steps, before the update is written, the same sa
 scored on a fixed held-out batch (the first diagnose_examples validation rows, decoded whole
 by every process), and θ+Δθ* and θ+Δθ_blind (uniform weights over the same samples) are scored
 there; θ is restored from the backup bit for bit, and nothing the update reads is touched.
+
+trainer.oracle_rows=[start, stop] is a measurement, not a method: the weights come from the samples'
+task losses on validation rows start..stop (decoded whole by every process) instead of the training
+batch, so they rank the samples as well as 500-odd unseen sentences can. It bounds what any weighting
+of these proposals can buy; checkpoints must be selected on other rows (the loop refuses an overlap).
 """
 from __future__ import annotations
 
@@ -99,6 +104,7 @@ class MGS(UpdateRule):
             batched_decoding.check_supported(self.unwrapped, self._params(self.unwrapped))
         self.searched = self._searched_tensors(self.unwrapped)  # per trainable tensor: does the noise move it
         self.diagnostic_batch: dict | None = None  # set by the loop when trainer.diagnose_every is on
+        self.oracle_batch: dict | None = None  # set by the loop when trainer.oracle_rows is on
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -126,6 +132,10 @@ class MGS(UpdateRule):
             raise UserError(f"trainer.diagnose_every={cfg.diagnose_every}: use 1 or more, or null (off)")
         if cfg.diagnose_examples < 1:
             raise UserError(f"trainer.diagnose_examples={cfg.diagnose_examples}: use 1 or more")
+        rows = cfg.get("oracle_rows")
+        if rows is not None and (len(rows) != 2 or not 0 <= rows[0] < rows[1]):
+            raise UserError(f"trainer.oracle_rows={list(rows)}: use [start, stop] with 0 <= start < stop "
+                            "(validation rows), or null (off)")
 
     @property
     def rows_per_micro_batch(self) -> int:  # the loop draws this many rows; the guide uses batch_size of them
@@ -268,7 +278,17 @@ class MGS(UpdateRule):
         base_loss = self.metric.loss_from_stats(base_stats)
         losses = [self.metric.loss_from_stats(row) for row in sample_stats]
         stats = [PerturbationStats(*row.tolist()) for row in perturbation_stats]
-        log_weights, info = importance_weights(self.search, samples, losses, base_loss, stats)
+        oracle = {}
+        if cfg.get("oracle_rows") is not None:  # weigh by the samples' losses on held-out rows instead
+            t0_oracle = time.perf_counter()
+            oracle_base, oracle_losses = self._held_out_losses(
+                model, params, guide, samples, noise_scales, self._oracle_rows_batch(), self.step_seed(step, 20_011))
+            oracle = {"oracle_rank_correlation": spearman(losses, oracle_losses), "oracle_task_loss": oracle_base,
+                      "oracle_best_improvement": oracle_base - min(oracle_losses),
+                      "oracle_s": time.perf_counter() - t0_oracle}
+            log_weights, info = importance_weights(self.search, samples, oracle_losses, oracle_base, stats)
+        else:
+            log_weights, info = importance_weights(self.search, samples, losses, base_loss, stats)
         times["score_s"] = time.perf_counter() - t0
 
         diagnostics = {}
@@ -297,7 +317,7 @@ class MGS(UpdateRule):
             "ess": info["ess"], "ess_share": info["ess"] / len(samples), "weight_entropy": info["weight_entropy"],
             "guided_weight": info["guided_weight"], **optional,
             "noise_norm": info["noise_norm"], "update_norm": update_norm, "guide_norm": guide_norm, **times,
-            **diagnostics,
+            **oracle, **diagnostics,
         }
 
     def _write_update(self, out, guide, samples, log_weights, noise_scales) -> float:
@@ -323,18 +343,12 @@ class MGS(UpdateRule):
             raise UserError("trainer.diagnose_every is on, but the rule got no held-out batch "
                             "(data.validation_file is needed)")
         seed = self.step_seed(step, 10_007)  # decode=sample: the same noise for every parameter set
+        base, held_out = self._held_out_losses(model, params, guide, samples, noise_scales, batch, seed)
 
         def held_out_loss(m) -> float:
             return self.metric.loss_from_stats(self._task_stats(m, batch, seed)[0])
 
-        backup = self._snapshot(params)  # θ (params hold θ here, whatever the guide mode)
-        base = held_out_loss(model)
-        held_out = []
-        for sample in samples:
-            apply_perturbation_(params, guide, self.search, sample, noise_scales)
-            held_out.append(held_out_loss(model))
-            with torch.no_grad():
-                torch._foreach_copy_(params, backup)
+        backup = self._snapshot(params)
         scale = self.cfg.sgd_scale if self.cfg.apply == "sgd" else 1.0
         steps = {}
         uniform = torch.full((len(samples),), -math.log(len(samples)), dtype=torch.float64)
@@ -354,6 +368,26 @@ class MGS(UpdateRule):
             "diag_taken_loss": steps["taken"], "diag_blind_loss": steps["blind"],
             "diag_taken_minus_blind": steps["taken"] - steps["blind"],
         }
+
+    def _held_out_losses(self, model, params, guide, samples, noise_scales, batch, seed) -> tuple[float, list[float]]:
+        """(C(θ), [C(θ+Δ_k)]) on a held-out batch; θ restored bit for bit after each sample."""
+        def loss(m) -> float:
+            return self.metric.loss_from_stats(self._task_stats(m, batch, seed)[0])
+
+        backup = self._snapshot(params)  # θ (params hold θ here, whatever the guide mode)
+        base, losses = loss(model), []
+        for sample in samples:
+            apply_perturbation_(params, guide, self.search, sample, noise_scales)
+            losses.append(loss(model))
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)
+        return base, losses
+
+    def _oracle_rows_batch(self) -> dict:
+        if self.oracle_batch is None:
+            raise UserError("trainer.oracle_rows is on, but the rule got no held-out rows "
+                            "(data.validation_file is needed)")
+        return self.oracle_batch
 
     # -- decoding the K+1 parameter sets ---------------------------------------------
     def _decode_sequential(self, model, params, guide, samples, mine, decoded, step, noise_scales, backup, times):
