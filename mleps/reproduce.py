@@ -417,6 +417,10 @@ class Reproduction:
         init = [] if self.task.from_scratch else [f"init_from={self.base_checkpoint}"]
         evals = ([f"data.max_eval_examples={b.arm_eval_examples}"] if b.arm_eval_examples else []) if validate \
             else ["data.validation_file=null"]
+        if not validate and any(o.split("=", 1)[0] == "trainer.oracle_rows" for o in rule):
+            # its weights come from validation rows: the file stays, with the subset those rows must not
+            # overlap, and no evaluation falls among the timed steps
+            evals = [f"data.max_eval_examples={b.arm_eval_examples}", f"trainer.eval_every={steps + 1}"]
         return [*rule, *self.task.overrides, *init, f"seed={seed}", f"trainer.max_steps={steps}",
                 f"trainer.eval_every={every}", f"trainer.save_every={every}", "trainer.log_every=1", *evals,
                 *b.common, *([] if arm == "mle" else b.sampling)]

@@ -188,6 +188,21 @@ def test_an_extra_arm_that_changes_only_weights_or_noise_shares_mgs_calibration(
     assert repro.calibration_rules() == ["mle", "pg", "mrt", "mgs", "big_k"]  # more samples cost more: timed
 
 
+def test_an_oracle_arm_is_calibrated_itself_and_keeps_its_validation_rows(tmp_path):
+    """trainer.oracle_rows decodes validation rows every step: it costs more than MGS, and its calibration
+    runs (which validate nothing) still need the validation file and the subset its rows avoid."""
+    repro = Reproduction("mt", "tiny", tmp_path, extra_arms={
+        "oracle": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.oracle_rows=[32,64]"]})
+    assert "oracle" in repro.calibration_rules()
+    argv = next(job.argv for job in repro.stage_calibration() if job.name.startswith("calibration/oracle"))
+    last = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in argv if "=" in o}  # the last of each key wins
+    assert last.get("data.validation_file") != "null"
+    assert last["data.max_eval_examples"] == str(repro.budget.arm_eval_examples)
+    assert int(last["trainer.eval_every"]) > repro.budget.calibration_steps
+    mgs_argv = next(job.argv for job in repro.stage_calibration() if job.name.startswith("calibration/mgs-"))
+    assert "data.validation_file=null" in mgs_argv
+
+
 def test_a_stage_of_one_job_gets_every_core_and_a_shared_stage_splits_them(monkeypatch):
     from mleps.reproduce import Runner
 
