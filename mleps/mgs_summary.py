@@ -31,14 +31,20 @@ def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _mean(values) -> float | None:
+def mean_of(values) -> float | None:
+    """The mean of the finite values (None and NaN skipped); None when there are none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
 
 
+def main_steps(events: list[dict]) -> list[dict]:
+    """The logged training steps of the main phase (a warm start is MLE; events such as resume are not steps)."""
+    return [e for e in events if e.get("split") == "train" and e.get("phase") == "main" and "event" not in e]
+
+
 def summarise(events: list[dict], higher_is_better: bool = True) -> dict:
     """The COLUMNS of one run (None where the run did not log the statistic)."""
-    train = [e for e in events if e.get("split") == "train" and e.get("phase") == "main" and "event" not in e]
+    train = main_steps(events)
     validation = [e for e in events if e.get("split") == "validation" and e.get("phase") == "main"]
     scores = [e["score"] for e in validation]
     best = (max if higher_is_better else min)(scores) if scores else None
@@ -47,12 +53,12 @@ def summarise(events: list[dict], higher_is_better: bool = True) -> dict:
         "start": scores[0] if scores else None,
         "final": scores[-1] if scores else None,
         "best": best,
-        "ess_share": _mean(e.get("ess_share") for e in train),
-        "guided_weight": _mean(e.get("guided_weight") for e in train),
-        "spread": _mean(e.get("loss_spread_std") for e in train),
-        "rank_corr": _mean(e.get("diag_rank_correlation") for e in train),
-        "taken_minus_blind": _mean(e.get("diag_taken_minus_blind") for e in train),
-        "s_per_step": _mean(e["step_s"] - e.get("diagnose_s", 0.0) for e in train if "step_s" in e),
+        "ess_share": mean_of(e.get("ess_share") for e in train),
+        "guided_weight": mean_of(e.get("guided_weight") for e in train),
+        "spread": mean_of(e.get("loss_spread_std") for e in train),
+        "rank_corr": mean_of(e.get("diag_rank_correlation") for e in train),
+        "taken_minus_blind": mean_of(e.get("diag_taken_minus_blind") for e in train),
+        "s_per_step": mean_of(e["step_s"] - e.get("diagnose_s", 0.0) for e in train if "step_s" in e),
     }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mleps.mgs_summary import COLUMNS, format_value, markdown_table, read_events, summarise  # noqa: E402
+from mleps.mgs_summary import COLUMNS, format_value, main_steps, markdown_table, read_events, summarise  # noqa: E402
 
 STEP_COLUMNS = {"step": "step", "task_loss": "task_loss", "ess_share": "ess_share", "guided_weight": "guided",
                 "loss_spread_std": "spread", "temperature": "alpha", "diag_rank_correlation": "rank_corr",
@@ -37,7 +37,7 @@ def main() -> None:
     events = read_events(path)
     print(f"{args.run_dir}  (main phase)")
     print(markdown_table([summarise(events, not args.lower_is_better)], COLUMNS))
-    train = [e for e in events if e.get("split") == "train" and e.get("phase") == "main" and "event" not in e]
+    train = main_steps(events)
     if not train:
         print("\nno main-phase training steps logged")
         return

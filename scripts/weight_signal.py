@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mleps.mgs_summary import markdown_table, read_events  # noqa: E402
+from mleps.mgs_summary import main_steps, markdown_table, mean_of, read_events  # noqa: E402
 
 COLUMNS = ("run", "steps", "rank_corr_mean", "share_above_0", "share_at_0.7", "heldout_best_gain", "ess_share")
 
@@ -27,12 +27,10 @@ COLUMNS = ("run", "steps", "rank_corr_mean", "share_above_0", "share_at_0.7", "h
 def summarise(name: str, steps: list[dict]) -> dict:
     corr = [e["oracle_rank_correlation"] for e in steps
             if "oracle_rank_correlation" in e and math.isfinite(e["oracle_rank_correlation"])]
-    gains = [e["oracle_best_improvement"] for e in steps if "oracle_best_improvement" in e]
-    ess = [e["ess_share"] for e in steps if "ess_share" in e]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"run": name, "steps": len(corr), "rank_corr_mean": mean(corr),
-            "share_above_0": mean([c > 0 for c in corr]), "share_at_0.7": mean([c >= 0.7 for c in corr]),
-            "heldout_best_gain": mean(gains), "ess_share": mean(ess)}
+    return {"run": name, "steps": len(corr), "rank_corr_mean": mean_of(corr),
+            "share_above_0": mean_of(c > 0 for c in corr), "share_at_0.7": mean_of(c >= 0.7 for c in corr),
+            "heldout_best_gain": mean_of(e.get("oracle_best_improvement") for e in steps),
+            "ess_share": mean_of(e.get("ess_share") for e in steps)}
 
 
 def main() -> None:
@@ -44,8 +42,7 @@ def main() -> None:
     for run in args.run_dirs:
         if not (run / "metrics.jsonl").is_file():
             sys.exit(f"error: no metrics.jsonl in {run}")
-        steps = [e for e in read_events(run) if e.get("split") == "train" and e.get("phase") == "main"
-                 and "event" not in e]
+        steps = main_steps(read_events(run))
         if not any("oracle_task_loss" in e for e in steps):
             sys.exit(f"error: {run} logged no oracle statistics: it was not run with trainer.oracle_rows")
         rows.append(summarise(str(run), steps))

@@ -49,8 +49,9 @@ there; θ is restored from the backup bit for bit, and nothing the update reads 
 
 trainer.oracle_rows=[start, stop] is a measurement, not a method: the weights come from the samples'
 task losses on validation rows start..stop (decoded whole by every process) instead of the training
-batch, so they rank the samples as well as 500-odd unseen sentences can. It bounds what any weighting
-of these proposals can buy; checkpoints must be selected on other rows (the loop refuses an overlap).
+batch, so they rank the samples as well as a few hundred unseen sentences can: a stand-in for the best
+any weighting of these proposals could do. Checkpoints must be selected on other rows (the loop refuses
+an overlap).
 """
 from __future__ import annotations
 
@@ -281,8 +282,9 @@ class MGS(UpdateRule):
         oracle = {}
         if cfg.get("oracle_rows") is not None:  # weigh by the samples' losses on held-out rows instead
             t0_oracle = time.perf_counter()
+            theta = backup if backup is not None else self._snapshot(params)  # the decodes left θ in params
             oracle_base, oracle_losses = self._held_out_losses(
-                model, params, guide, samples, noise_scales, self._oracle_rows_batch(), self.step_seed(step, 20_011))
+                model, params, theta, guide, samples, noise_scales, self._oracle_rows_batch(), self.step_seed(step, 20_011))
             oracle = {"oracle_rank_correlation": spearman(losses, oracle_losses), "oracle_task_loss": oracle_base,
                       "oracle_best_improvement": oracle_base - min(oracle_losses),
                       "oracle_s": time.perf_counter() - t0_oracle}
@@ -343,12 +345,8 @@ class MGS(UpdateRule):
             raise UserError("trainer.diagnose_every is on, but the rule got no held-out batch "
                             "(data.validation_file is needed)")
         seed = self.step_seed(step, 10_007)  # decode=sample: the same noise for every parameter set
-        base, held_out = self._held_out_losses(model, params, guide, samples, noise_scales, batch, seed)
-
-        def held_out_loss(m) -> float:
-            return self.metric.loss_from_stats(self._task_stats(m, batch, seed)[0])
-
-        backup = self._snapshot(params)
+        backup = self._snapshot(params)  # θ (params hold θ here, whatever the guide mode)
+        base, held_out = self._held_out_losses(model, params, backup, guide, samples, noise_scales, batch, seed)
         scale = self.cfg.sgd_scale if self.cfg.apply == "sgd" else 1.0
         steps = {}
         uniform = torch.full((len(samples),), -math.log(len(samples)), dtype=torch.float64)
@@ -357,7 +355,7 @@ class MGS(UpdateRule):
             with torch.no_grad():
                 torch._foreach_mul_(params, scale)
                 torch._foreach_add_(params, backup)  # params ← θ + scale·Δθ
-            steps[name] = held_out_loss(model)
+            steps[name] = self._loss_on(model, batch, seed)
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
         excess = np.asarray(held_out) - base
@@ -369,18 +367,18 @@ class MGS(UpdateRule):
             "diag_taken_minus_blind": steps["taken"] - steps["blind"],
         }
 
-    def _held_out_losses(self, model, params, guide, samples, noise_scales, batch, seed) -> tuple[float, list[float]]:
-        """(C(θ), [C(θ+Δ_k)]) on a held-out batch; θ restored bit for bit after each sample."""
-        def loss(m) -> float:
-            return self.metric.loss_from_stats(self._task_stats(m, batch, seed)[0])
+    def _loss_on(self, model, batch: dict, seed: int) -> float:
+        return self.metric.loss_from_stats(self._task_stats(model, batch, seed)[0])
 
-        backup = self._snapshot(params)  # θ (params hold θ here, whatever the guide mode)
-        base, losses = loss(model), []
+    def _held_out_losses(self, model, params, theta, guide, samples, noise_scales, batch, seed):
+        """(C(θ), [C(θ+Δ_k)]) on a held-out batch; params hold θ (a copy of it in `theta`) and are restored
+        from `theta` bit for bit after each sample."""
+        base, losses = self._loss_on(model, batch, seed), []
         for sample in samples:
             apply_perturbation_(params, guide, self.search, sample, noise_scales)
-            losses.append(loss(model))
+            losses.append(self._loss_on(model, batch, seed))
             with torch.no_grad():
-                torch._foreach_copy_(params, backup)
+                torch._foreach_copy_(params, theta)
         return base, losses
 
     def _oracle_rows_batch(self) -> dict:
