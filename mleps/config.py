@@ -34,6 +34,11 @@ class DataConfig:
     # ends with EOS and not stopping is purely a defect (the others are skipped and counted)
     whole_documents: bool = False
     loss_on: Optional[str] = None  # decoder-only MLE: all (null: prompt and continuation) | continuation
+    # completion: windows (a prefix and continuation_tokens more) | paragraphs (each non-empty line of a
+    # document is one sequence) | documents (each document whole); the last two end every reference with EOS
+    sequences: str = "windows"
+    min_sequence_tokens: int = 10  # paragraphs/documents: drop sequences of at most this many tokens (counted)
+    max_sequence_tokens: Optional[int] = None  # paragraphs/documents: drop longer sequences (counted); null = keep
 
 
 @dataclass
@@ -58,8 +63,9 @@ class ModelConfig:
 class MetricConfig:
     """The task loss (docs/metrics.md): what MGS/PG/MRT minimise and validation selects on."""
 
-    name: str = "bleu"  # bleu | chrf | rouge | repetition | nontermination | edit | length | lm | custom | composite
+    name: str = "bleu"  # bleu | chrf | rouge | repetition | seq_rep | nontermination | edit | length | lm | custom | composite
     level: str = "corpus"  # corpus: one loss pooled over the batch; sentence: mean of sentence losses
+    reduction: str = "mean"  # lm: mean (NLL per token) | sum (NLL of the whole sequence, MGS-LM's loss)
     rouge_tokenizer: str = "default"  # default | whitespace | char (default drops non-Latin text)
     rouge_key: str = "rougeL"
     n: int = 4  # repetition: n-gram order of seq-rep-n
@@ -104,6 +110,12 @@ class TrainerConfig:
     save_every: int = 500
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     max_train_s: Optional[float] = None  # stop the phase after this much training time (equal-time comparisons)
+    # null: batch_size rows per micro-batch; N: length-sorted batches of at most N padded tokens
+    # (completion; the reference code's --chunk-size-train), mleps.data.TokenBudgetStream
+    batch_tokens: Optional[int] = None
+    # training-time decodes (mgs, pg, mrt) stop at ceil(ratio x the batch's longest reference), at most
+    # trainer.max_new_tokens; null = always trainer.max_new_tokens (the reference code uses 1.3)
+    max_length_ratio: Optional[float] = None
     patience: Optional[int] = None  # end the phase after this many evaluations without a new best (null = off)
     # The paper's recipe: MLE from scratch, then this rule. Skipped when 0. The warm start is an
     # MLE phase with these settings and this trainer's batch layout, clipping and logging.
@@ -144,6 +156,7 @@ class MGSConfig(TrainerConfig):
     decode_population: str = "sequential"  # sequential: one generate per parameter set | batched: one for all
     apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
     sgd_scale: float = 1.0
+    update_max_norm: float = 0.0  # clip Δθ* to this norm before it is applied (the reference clips to 1); 0 = off
     # Levers on the weights' signal (docs/mgs.md, "Levers"); the defaults are the plain rule.
     target_ess: Optional[float] = None  # share of the samples in (0, 1]: alpha chosen per step so ESS = share x K
     weighting: str = "boltzmann"  # boltzmann: exp(-(C_k - C_0)/alpha) | rank: softmax of -rank_k/alpha, ranks in [0, 1]

@@ -9,6 +9,11 @@ tokenizer exists `completion_pairs` cuts each into a prefix (`source`, `input_id
 data.prefix_tokens tokens) and a reference continuation (`target`, `labels`: up to
 data.continuation_tokens more, then EOS when the document ends there; a continuation cut
 short has none, so a model can learn to stop and "does not stop" stays a defect to measure).
+data.sequences=paragraphs|documents makes each non-empty line (paragraphs, as WikiText-103's raw
+files hold them) or each whole document one sequence instead: its prefix, then the rest of it and
+EOS, so every reference ends; sequences of at most data.min_sequence_tokens tokens (the reference
+code drops those) or over data.max_sequence_tokens are dropped and counted.
+`TokenBudgetStream` batches such sequences by length (trainer.batch_tokens), as the reference does.
 Training batches are a pure function of (seed, step), so a resumed run sees exactly the
 batches an uninterrupted run would have seen, without replaying the data loader.
 """
@@ -31,6 +36,7 @@ datasets.disable_progress_bars()
 SPLITS = ("train", "validation", "test")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
 TASKS = ("pairs", "completion")
+SEQUENCES = ("windows", "paragraphs", "documents")
 LOSS_ON = ("all", "continuation")
 
 
@@ -121,15 +127,29 @@ def _documents(raw: datasets.Dataset, data_cfg, split: str, path: Path) -> datas
     if column not in raw.column_names or not isinstance(raw.features[column], datasets.Value):
         raise UserError(f"text column '{column}' not found in {path} (or not text); it has: "
                         f"{', '.join(raw.column_names)} (set data.text_column)")
-    ds = raw.map(lambda row: {"source": _text(row[column]), "target": "", "references": []},
-                 remove_columns=raw.column_names, desc=f"documents {split}")
-    return _kept(ds, lambda r: bool(r["source"]), data_cfg, split, path, f"empty documents (column '{column}')")
+    if data_cfg.get("sequences", "windows") == "paragraphs":  # one row per non-empty line of each document
+        def rows(batch):
+            lines = [line.strip() for text in batch[column] for line in _text(text).splitlines()]
+            return {"source": [x for x in lines if x]}
+        ds = raw.map(rows, batched=True, remove_columns=raw.column_names, desc=f"paragraphs {split}")
+        ds = ds.map(lambda row: {"target": "", "references": []}, desc=f"paragraphs {split}")
+        if len(ds) == 0:
+            raise UserError(f"{path}: no non-empty line in column '{column}', so no paragraph to train on: "
+                            f"point data.text_column at a text column, or use data.sequences=documents")
+        what = "empty paragraphs"
+    else:
+        ds = raw.map(lambda row: {"source": _text(row[column]), "target": "", "references": []},
+                     remove_columns=raw.column_names, desc=f"documents {split}")
+        what = f"empty documents (column '{column}')"
+    return _kept(ds, lambda r: bool(r["source"]), data_cfg, split, path, what)
 
 
 def completion_pairs(docs: datasets.Dataset, tokenizer, data_cfg, split: str = "train") -> datasets.Dataset:
     """Documents -> (prefix, continuation) rows; documents with no token after the prefix are skipped
     and counted. The prefix text is re-encoded the way decoding encodes prompts, so the prompt a model
     trains on is the prompt it decodes from."""
+    if data_cfg.get("sequences", "windows") != "windows":
+        return _whole_sequences(docs, tokenizer, data_cfg, split)
     prefix_len, cont_len, eos = data_cfg.prefix_tokens, data_cfg.continuation_tokens, tokenizer.eos_token_id
 
     def fn(batch):
@@ -166,6 +186,34 @@ def completion_pairs(docs: datasets.Dataset, tokenizer, data_cfg, split: str = "
                             f"{prefix_len + cont_len} tokens: raise data.continuation_tokens or set "
                             f"data.whole_documents=false")
         pairs = whole
+    if split != "train":  # a continuation that decodes to no text cannot be scored
+        pairs = pairs.filter(lambda r: bool(r["references"]))
+    return pairs
+
+
+def _whole_sequences(docs: datasets.Dataset, tokenizer, data_cfg, split: str) -> datasets.Dataset:
+    """data.sequences=paragraphs|documents: each row whole, as (prefix, the rest + EOS). Rows of at most
+    data.min_sequence_tokens tokens (or the prefix), or over data.max_sequence_tokens, are dropped and counted."""
+    prefix_len, eos, kind = data_cfg.prefix_tokens, tokenizer.eos_token_id, data_cfg.sequences
+    shortest, longest = max(data_cfg.min_sequence_tokens, prefix_len), data_cfg.max_sequence_tokens
+    token_ids = tokenizer(list(docs["source"]), add_special_tokens=False)["input_ids"]
+    short = sum(len(ids) <= shortest for ids in token_ids)
+    long = sum(longest is not None and len(ids) > longest for ids in token_ids)
+    kept = [ids for ids in token_ids if shortest < len(ids) and (longest is None or len(ids) <= longest)]
+    if short or long:
+        log.warning("%s: dropped %d of %d %s of at most %d tokens (data.min_sequence_tokens) and %d of more than "
+                    "data.max_sequence_tokens=%s", split, short, len(docs), kind, shortest, long, longest)
+    if not kept:
+        raise UserError(f"{split}: no usable {kind[:-1]}: all {len(docs)} have at most {shortest} tokens or more "
+                        f"than data.max_sequence_tokens={longest}: lower data.min_sequence_tokens or "
+                        f"data.prefix_tokens, or raise data.max_sequence_tokens")
+    sources = [tokenizer.decode(ids[:prefix_len], clean_up_tokenization_spaces=False) for ids in kept]
+    targets = [tokenizer.decode(ids[prefix_len:], clean_up_tokenization_spaces=False).strip() for ids in kept]
+    pairs = datasets.Dataset.from_dict({
+        "source": sources, "target": targets, "references": [[t] if t else [] for t in targets],
+        # the prefix text re-encoded as decoding encodes prompts (see completion_pairs)
+        "input_ids": tokenizer(sources)["input_ids"], "labels": [ids[prefix_len:] + [eos] for ids in kept],
+        "ends_document": [True] * len(kept)})
     if split != "train":  # a continuation that decodes to no text cannot be scored
         pairs = pairs.filter(lambda r: bool(r["references"]))
     return pairs
@@ -277,6 +325,63 @@ class BatchStream:
 
     def epoch(self, step: int) -> float:
         return step * self.global_batch / len(self.dataset)
+
+
+class TokenBudgetStream(BatchStream):
+    """trainer.batch_tokens: length-sorted batches of at most `batch_tokens` padded tokens (rows x the
+    longest row), as the reference code batches paragraphs. The batches are cut once (sequences sorted
+    by length, ties in a seeded order); each epoch visits them in a permutation seeded by (seed, epoch),
+    so a step's batch is still a pure function of (seed, step). A sequence longer than the budget is a
+    batch of its own. A step's rows are cut into micro-batches [j::count] as in BatchStream.
+    """
+
+    def __init__(self, dataset, batch_tokens: int, lengths: list[int], seed: int, rank: int = 0,
+                 world_size: int = 1, accumulation: int = 1):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.world_size, self.accumulation = world_size, accumulation
+        self.count = world_size * accumulation
+        self.batch_size = None  # varies with the batch
+        g = torch.Generator().manual_seed(seed * 100_003 + 7)
+        ties = torch.randperm(len(lengths), generator=g).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], ties[i]))
+        self.batches, current, longest = [], [], 0
+        for i in order:
+            if current and max(longest, lengths[i]) * (len(current) + 1) > batch_tokens:
+                self.batches.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, lengths[i])
+        if current:
+            self.batches.append(current)
+        small = [b for b in self.batches if len(b) < self.count]
+        if small:
+            raise UserError(f"trainer.batch_tokens={batch_tokens} makes {len(small)} batches of fewer rows than "
+                            f"the {self.count} micro-batches of a step (processes x accumulation): raise "
+                            f"trainer.batch_tokens or lower trainer.gradient_accumulation_steps")
+        self._perms = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.batches), generator=g)}
+        return self._perms[epoch]
+
+    def global_indices(self, step: int) -> list[int]:
+        n = len(self.batches)
+        return list(self.batches[int(self._perm(step // n)[step % n])])
+
+    def epoch(self, step: int) -> float:
+        return step / len(self.batches)
+
+
+def batch_stream(dataset, trainer_cfg, rows_per_micro_batch: int, seed: int, rank: int, world_size: int):
+    """The phase's training batches: fixed-size (trainer.batch_size) or by token budget (trainer.batch_tokens)."""
+    accumulation = trainer_cfg.gradient_accumulation_steps
+    budget = trainer_cfg.get("batch_tokens")
+    if budget:
+        lengths = [len(a) + len(b) for a, b in zip(list(dataset["input_ids"]), list(dataset["labels"]))]
+        return TokenBudgetStream(dataset, budget, lengths, seed, rank, world_size, accumulation)
+    return BatchStream(dataset, rows_per_micro_batch, seed, rank, world_size, accumulation)
 
 
 class Collator:

@@ -78,6 +78,11 @@ class Family:
     def token_cross_entropy(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
+    def prompt_nll(self, model, inputs: dict) -> torch.Tensor:
+        """Per row, the NLL the model gives its own input (a decoder-only prompt's tokens after the
+        first); an encoder-decoder's source is not generated, so 0."""
+        return torch.zeros(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
+
     def reference_rows(self, batch: dict, model) -> torch.Tensor:
         """The batch's references as output rows (start column, labels through EOS, padding)."""
         labels = batch["labels"]
@@ -148,6 +153,13 @@ class CausalFamily(Family):
         width = inputs["input_ids"].shape[1]
         # The last prompt position scores the first output token: columns width-1 .. end-1.
         return self._forward(model, inputs["input_ids"], inputs["attention_mask"], ids[:, 1:])[:, width - 1:-1]
+
+    def prompt_nll(self, model, inputs: dict) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits[:, :-1]
+        scored = mask[:, 1:] & mask[:, :-1]  # a token with a real token before it (left padding)
+        return _nll(logits, ids[:, 1:].masked_fill(~scored, -100), reduction="none").sum(1)
 
     def token_cross_entropy(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]

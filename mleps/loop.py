@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
 from mleps.config import MLEConfig
-from mleps.data import BatchStream, Collator, completion_pairs, load_split, tokenize
+from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, load_split, tokenize
 from mleps.decoding import decode_sources, decoded_batch, eos_ids
 from mleps.families import family_for
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
@@ -84,7 +84,7 @@ def make_phases(trainer_cfg) -> list[Phase]:
             schedule=t.warm_start_schedule, warmup_steps=t.warm_start_warmup_steps,
             label_smoothing=t.warm_start_label_smoothing,
             eval_every=t.warm_start_eval_every, log_every=t.log_every,
-            save_every=t.save_every, max_bad_steps=t.max_bad_steps,
+            save_every=t.save_every, max_bad_steps=t.max_bad_steps, batch_tokens=t.get("batch_tokens"),
         ))
         phases.append(Phase("warm_start", warm, 0, trainer_cfg.warm_start_steps))
     start = phases[-1].last_step if phases else 0
@@ -286,8 +286,8 @@ class Loop:
             rule.diagnostic_batch = self._on_device(self.collate(self.val_tokenized[:tcfg.diagnose_examples]))
         if tcfg.get("oracle_rows") is not None:  # MGS weighted on held-out rows (a measurement)
             rule.oracle_batch = self._on_device(self.collate(self.oracle_tokenized[:]))
-        stream = BatchStream(self.train_ds, rule.rows_per_micro_batch, self.cfg.seed, self.accelerator.process_index,
-                             self.accelerator.num_processes, tcfg.gradient_accumulation_steps)
+        stream = batch_stream(self.train_ds, tcfg, rule.rows_per_micro_batch, self.cfg.seed,
+                              self.accelerator.process_index, self.accelerator.num_processes)
         return model, optimizer, scheduler, rule, stream
 
     def _on_device(self, rows: dict) -> dict:

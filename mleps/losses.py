@@ -2,11 +2,15 @@
 
 Each follows mleps.task_loss.TaskLoss; docs/metrics.md lists statistics, levels and ranges.
 
-  repetition      seq-rep-n on generated token ids: 1 - |distinct n-grams| / |n-grams| of an output
+  repetition      seq-rep-n on generated token ids: 1 - |distinct n-grams| / |n-grams| of an output;
+                  corpus level pools the n-gram counts over the outputs
+  seq_rep         seq-rep-n as Welleck et al. report it: per output (trimmed at EOS), averaged over the
+                  outputs with at least n tokens
   nontermination  1 for an output that hit max_new_tokens without EOS, else 0
   edit            Levenshtein distance to the closest reference / the longer of the two (words or chars)
   length          |len(hyp)/len(ref) - 1| in words (closest reference); corpus: |Σ hyp / Σ ref - 1|
-  lm              NLL per token of the output under a frozen score model (statistics: nll_sum, tokens)
+  lm              NLL of the output under a frozen score model: per token (reduction=mean, statistics
+                  nll_sum, tokens) or of the whole sequence (reduction=sum, MGS-LM: nll_sum, sequences)
   custom          a user's callable: fn(decoded) -> one float loss per output
   composite       Σ_i w_i loss_i, statistics concatenated
 """
@@ -26,7 +30,8 @@ from mleps.errors import UserError
 from mleps.metrics import METRIC_NAMES, build_metric
 from mleps.task_loss import TaskLoss, _mean
 
-LOSS_NAMES = (*METRIC_NAMES, "repetition", "nontermination", "edit", "length", "lm", "custom", "composite")
+LOSS_NAMES = (*METRIC_NAMES, "repetition", "seq_rep", "nontermination", "edit", "length", "lm", "custom", "composite")
+REDUCTIONS = ("mean", "sum")
 UNITS = ("word", "char")
 
 
@@ -61,6 +66,27 @@ class Repetition(TaskLoss):
     def corpus_stats(self, decoded):
         counts = [self._counts(t) for t in decoded.token_ids]
         return np.array([float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))])
+
+
+class SeqRep(Repetition):
+    """seq-rep-n per output, 1 - unique/total n-grams, averaged over the outputs with at least n tokens
+    (the paper's tables; wellecks/mgs). The sentence form gives an output shorter than n a 0."""
+
+    name = "seq_rep"
+
+    def _share(self, tokens: list[int]) -> float | None:
+        repeated, total = self._counts(tokens)
+        return repeated / total if total else None
+
+    def sentence_losses(self, decoded):
+        return [self._share(t) or 0.0 for t in decoded.token_ids]
+
+    def corpus_stats(self, decoded):
+        shares = [x for x in map(self._share, decoded.token_ids) if x is not None]
+        return np.array([float(sum(shares)), float(len(shares))])
+
+    def corpus_loss_from_stats(self, stats):
+        return _mean(stats)
 
 
 class NonTermination(TaskLoss):
@@ -130,19 +156,25 @@ class LengthRatio(TaskLoss):
 
 
 class LMScore(TaskLoss):
-    """NLL per token (through EOS) of the outputs given their sources under a frozen score model:
-    a copy of the run's model taken by `bind` (the reference implementation's choice), or the
-    checkpoint at `score_model`. One no-grad teacher-forced forward per batch of outputs."""
+    """NLL of the outputs (through EOS) given their sources under a frozen score model: a copy of the
+    run's model taken by `bind` (the reference implementation's choice), or the checkpoint at
+    `score_model`. reduction=mean: per token; reduction=sum: of the whole sequence, a decoder-only
+    model's prompt included (the reference's MGS-LM loss: a looping, non-terminating output costs the
+    NLL of every token it adds). No-grad teacher-forced forwards, a bounded number of tokens at a time."""
 
     name = "lm"
 
-    def __init__(self, level: str = "corpus", score_model: str | None = None, batch_size: int = 256):
+    def __init__(self, level: str = "corpus", score_model: str | None = None, reduction: str = "mean",
+                 tokens_per_forward: int = 16_384):
         super().__init__(level)
+        self.tokens_per_forward = tokens_per_forward  # rows x width per forward: bounds the [rows, width, vocab] logits
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown lm reduction {reduction!r}; choose one of: {', '.join(REDUCTIONS)}")
+        self.reduction = reduction
         self.score_model_path = score_model
         if score_model and not Path(score_model).expanduser().is_dir():
             raise UserError(f"metric.score_model={score_model} is not a folder: pass a checkpoint folder "
                             f"(e.g. RUN/checkpoints/best), or null for a frozen copy of the model at the start")
-        self.batch_size = batch_size
         self.model, self.eos = None, None
 
     def bind(self, model, tokenizer) -> None:
@@ -161,40 +193,39 @@ class LMScore(TaskLoss):
         self.eos = eos_ids(model)
 
     def _nll(self, decoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """(NLL summed over each output's tokens, token counts)."""
+        """(NLL summed over each output's tokens, plus its prompt's with reduction=sum; token counts)."""
         from mleps.families import family_for
-        from mleps.trainers.sequences import label_mask
+        from mleps.trainers.sequences import sequence_log_probs
 
         if self.model is None:
             raise RuntimeError("metric=lm needs a score model: call bind(model, tokenizer) first")
         if decoded.ids is None or decoded.encoder_inputs is None:
             raise ValueError("metric=lm needs the decoded ids and the encoded sources (decoded_batch(..., batch=))")
+        family, device = family_for(self.model), self.model.device
+        # a row's labels never run past its own generated tokens (EOS included when it has one)
+        lengths = torch.tensor([1 + len(t) + e for t, e in zip(decoded.token_ids, decoded.ended_with_eos)])
+        rows_per_forward = max(1, self.tokens_per_forward // max(decoded.ids.shape[1], 1))
         nll, tokens = [], []
         with torch.no_grad():
-            for start in range(0, len(decoded), self.batch_size):
-                rows = slice(start, start + self.batch_size)
-                ids = decoded.ids[rows].to(self.model.device)
-                labels = ids[:, 1:]
-                # Through the first EOS, and never past a row's own generated tokens.
-                mask = label_mask(labels, self.eos)
-                limit = torch.tensor([len(t) + e for t, e in zip(decoded.token_ids[rows], decoded.ended_with_eos[rows])],
-                                     device=ids.device)
-                mask &= torch.arange(labels.shape[1], device=ids.device) < limit.unsqueeze(1)
-                inputs = {k: v[rows].to(ids.device) for k, v in decoded.encoder_inputs.items()}
-                logits = family_for(self.model).logits(self.model, inputs, ids)
-                token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
-                                            ignore_index=-100, reduction="none").view_as(labels)
-                nll.append(token_nll.sum(1).cpu())
-                tokens.append(mask.sum(1).cpu())
-        return torch.cat(nll).double(), torch.cat(tokens).double()
+            for start in range(0, len(decoded), rows_per_forward):
+                rows = slice(start, start + rows_per_forward)
+                inputs = {k: v[rows].to(device) for k, v in decoded.encoder_inputs.items()}
+                ids = decoded.ids[rows].to(device)
+                log_probs, counts = sequence_log_probs(self.model, inputs, ids, torch.arange(len(ids), device=device),
+                                                       self.eos, lengths[rows].to(device))
+                if self.reduction == "sum":
+                    log_probs = log_probs - family.prompt_nll(self.model, inputs)
+                nll.append(-log_probs.double().cpu())
+                tokens.append(counts.double().cpu())
+        return torch.cat(nll), torch.cat(tokens)
 
     def sentence_losses(self, decoded):
         nll, tokens = self._nll(decoded)
-        return (nll / tokens.clamp(min=1)).tolist()
+        return (nll if self.reduction == "sum" else nll / tokens.clamp(min=1)).tolist()
 
     def corpus_stats(self, decoded):
         nll, tokens = self._nll(decoded)
-        return np.array([float(nll.sum()), float(tokens.sum())])
+        return np.array([float(nll.sum()), float(len(nll) if self.reduction == "sum" else tokens.sum())])
 
 
 class Custom(TaskLoss):
@@ -278,7 +309,7 @@ class Composite(TaskLoss):
 
 def build_task_loss(name: str, level: str = "corpus", *, tokenizer=None, rouge_key: str = "rougeL", n: int = 4,
                     unit: str = "word", score_model: str | None = None, fn: str | None = None,
-                    losses=(), weights=()) -> TaskLoss:
+                    losses=(), weights=(), reduction: str = "mean") -> TaskLoss:
     """Any task loss by name. Bad names and options raise ValueError (UserError for custom/lm)."""
     key = str(name).lower()
     if key in METRIC_NAMES:
@@ -286,6 +317,8 @@ def build_task_loss(name: str, level: str = "corpus", *, tokenizer=None, rouge_k
                             **({"rouge_key": rouge_key} if key == "rouge" else {}))
     if key == "repetition":
         return Repetition(level, n=n)
+    if key == "seq_rep":
+        return SeqRep(level, n=n)
     if key == "nontermination":
         return NonTermination(level)
     if key == "edit":
@@ -293,7 +326,7 @@ def build_task_loss(name: str, level: str = "corpus", *, tokenizer=None, rouge_k
     if key == "length":
         return LengthRatio(level, unit=unit)
     if key == "lm":
-        return LMScore(level, score_model=score_model)
+        return LMScore(level, score_model=score_model, reduction=reduction)
     if key == "custom":
         return Custom(level, fn=fn)
     if key == "composite":
@@ -311,7 +344,8 @@ def build_task_loss(name: str, level: str = "corpus", *, tokenizer=None, rouge_k
                 raise ValueError(f"metric.weights holds {w!r}: give finite numbers")
         if "composite" in [str(x).lower() for x in names]:
             raise ValueError("a composite cannot contain another composite: list its losses directly")
-        options = dict(tokenizer=tokenizer, rouge_key=rouge_key, n=n, unit=unit, score_model=score_model, fn=fn)
+        options = dict(tokenizer=tokenizer, rouge_key=rouge_key, n=n, unit=unit, score_model=score_model, fn=fn,
+                       reduction=reduction)
         return Composite([build_task_loss(x, level, **options) for x in names], numbers, level)
     raise ValueError(f"unknown metric {name!r}; choose one of: {', '.join(LOSS_NAMES)}")
 

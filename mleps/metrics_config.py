@@ -17,6 +17,7 @@ def metric_from_config(metric_cfg, level: str | None = None, name: str | None = 
             rouge_key=options.get("rouge_key", "rougeL"), n=options.get("n", 4), unit=options.get("unit", "word"),
             score_model=options.get("score_model"), fn=options.get("fn"),
             losses=options.get("losses") or (), weights=options.get("weights") or (),
+            reduction=options.get("reduction", "mean"),
         )
     except ValueError as e:
         raise UserError(f"metric: {e}") from None

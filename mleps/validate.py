@@ -12,7 +12,7 @@ import math
 
 from omegaconf import OmegaConf
 
-from mleps.data import LOSS_ON, TASKS
+from mleps.data import LOSS_ON, SEQUENCES, TASKS
 from mleps.errors import UserError
 from mleps.models import KINDS
 from mleps.schedules import SCHEDULES
@@ -56,6 +56,10 @@ def check_trainer(tcfg, warm_start: bool = False) -> None:
         raise UserError(f"{key_of('label_smoothing')}={tcfg.label_smoothing}: use a number in [0, 1)")
     if len(tcfg.betas) != 2 or not all(0 <= b < 1 for b in tcfg.betas):
         raise UserError(f"{key_of('betas')}={list(tcfg.betas)}: use two numbers in [0, 1), e.g. [0.9, 0.98]")
+    _at_least(tcfg.get("batch_tokens"), 1, key_of("batch_tokens"))
+    ratio = tcfg.get("max_length_ratio")
+    if ratio is not None:
+        _finite(ratio, key_of("max_length_ratio"), 0.0, strict=True)
     if tcfg.max_train_s is not None:
         _finite(tcfg.max_train_s, key_of("max_train_s"), 0.0, strict=True)
     if tcfg.schedule not in SCHEDULES:
@@ -114,8 +118,10 @@ def validate_train_config(cfg, phases) -> None:
             raise UserError(f"model.dropout={m.dropout}: use a number in [0, 1)")
         if m.name == "tiny_gpt2":
             _at_least(m.max_positions, 2, "model.max_positions")
+            reference = (data.continuation_tokens + 1 if data.get("sequences", "windows") == "windows" else
+                         (data.max_sequence_tokens or 0) - data.prefix_tokens + 1)
             needed = max(data.max_source_length if data.task == "pairs" else data.prefix_tokens, 1) + max(
-                d.max_new_tokens, getattr(main, "max_new_tokens", 0) or 0, data.continuation_tokens + 1)
+                d.max_new_tokens, getattr(main, "max_new_tokens", 0) or 0, reference)
             if needed > m.max_positions:
                 raise UserError(f"model.max_positions={m.max_positions} is shorter than a prompt and its output "
                                 f"({needed} tokens: data.prefix_tokens + the longest of decode.max_new_tokens, "
@@ -162,6 +168,12 @@ def _check_task(data, model_cfg, init_from: str | None = None) -> None:
             raise UserError(f"data.prefix_tokens={data.prefix_tokens}: use 1 or more")
         if data.continuation_tokens < 1:
             raise UserError(f"data.continuation_tokens={data.continuation_tokens}: use 1 or more")
+        if data.sequences not in SEQUENCES:
+            raise UserError(f"data.sequences={data.sequences} is not one of: {', '.join(SEQUENCES)}")
+        _at_least(data.min_sequence_tokens, 0, "data.min_sequence_tokens")
+        if data.max_sequence_tokens is not None and data.max_sequence_tokens <= data.prefix_tokens:
+            raise UserError(f"data.max_sequence_tokens={data.max_sequence_tokens} leaves nothing after the "
+                            f"{data.prefix_tokens}-token prefix: raise it above data.prefix_tokens (or null)")
         if data.prefix_tokens > data.max_source_length:
             raise UserError(f"data.prefix_tokens={data.prefix_tokens} is longer than data.max_source_length="
                             f"{data.max_source_length} (the prompt limit): raise data.max_source_length")

@@ -282,7 +282,7 @@ def test_the_lm_task_loss_scores_continuations_given_their_prompt():
     tok, model = word_tokenizer(), tiny_gpt2()
     batch = family_for(model).encode_sources(tok, PROMPTS, 32)
     rows = generate(model, batch, max_new_tokens=6, do_sample=True)
-    lm = LMScore(level="sentence", batch_size=3)
+    lm = LMScore(level="sentence", tokens_per_forward=1)  # one row per forward
     lm.bind(model, tok)
     decoded = decoded_batch(rows, tok, eos_ids(model), [["x"]] * 4, batch=batch)
     log_probs, lengths = sequence_log_probs(model, batch, rows, torch.arange(4), eos_ids(model))
@@ -335,5 +335,6 @@ def test_the_wikitext103_config_composes_as_a_completion_task():
 
     cfg = compose_cfg("data=wikitext103", "model=hf", "model.name_or_path=gpt2")
     assert cfg.data.task == "completion" and cfg.data.text_column == "text"
-    assert (cfg.data.prefix_tokens, cfg.data.continuation_tokens) == (10, 300)
+    # the reference code's sequences: paragraphs (non-empty lines), those of <= 10 tokens dropped
+    assert (cfg.data.prefix_tokens, cfg.data.sequences, cfg.data.min_sequence_tokens) == (10, "paragraphs", 10)
     assert cfg.data.train_file.endswith("wikitext103/train.jsonl")

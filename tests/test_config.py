@@ -12,13 +12,18 @@ from mleps.trainers import RULES
 from conftest import CONF_DIR, TINY_CLI, assert_user_error, compose_cfg, run_cli, run_main, write_jsonl
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
-def test_every_trainer_yaml_composes_against_its_schema(name):
-    cfg = compose_cfg(f"trainer={name}", "data_dir=/somewhere")
+TRAINER_YAMLS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
+PRESETS = {"mgs_paper": "mgs"}  # a yaml that presets a rule's options, and the rule it runs
+
+
+@pytest.mark.parametrize("option", TRAINER_YAMLS)
+def test_every_trainer_yaml_composes_against_its_schema(option):
+    cfg = compose_cfg(f"trainer={option}", "data_dir=/somewhere")
+    name = PRESETS.get(option, option)
     assert OmegaConf.get_type(cfg.trainer) is RULES[name].schema
     assert cfg.trainer.name == name
     assert isinstance(cfg.trainer.lr, float) and isinstance(cfg.trainer.max_steps, int)
-    assert {p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")} == set(RULES)
+    assert set(TRAINER_YAMLS) == set(RULES) | set(PRESETS)
     assert issubclass(RULES[name].load(), __import__("mleps.trainers.base").trainers.base.UpdateRule)
 
 

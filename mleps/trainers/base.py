@@ -15,6 +15,7 @@ global batch.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,15 @@ class UpdateRule:
     def rows_per_micro_batch(self) -> int:
         """Rows the loop draws per micro-batch (MGS may score more rows than its guide uses)."""
         return self.cfg.batch_size
+
+    def max_new_tokens(self, batch: dict) -> int:
+        """This batch's limit for training-time decodes: trainer.max_new_tokens, or with
+        trainer.max_length_ratio r, ceil(r x the longest reference in the batch, EOS included), at most that."""
+        ratio = self.cfg.get("max_length_ratio")
+        if not ratio:
+            return self.cfg.max_new_tokens
+        longest = int((batch["labels"] != -100).sum(1).max())
+        return max(1, min(self.cfg.max_new_tokens, math.ceil(ratio * longest)))
 
     @property
     def unwrapped(self):

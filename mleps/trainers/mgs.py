@@ -120,6 +120,11 @@ class MGS(UpdateRule):
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
         if cfg.max_new_tokens < 1:
             raise UserError(f"trainer.max_new_tokens={cfg.max_new_tokens}: use 1 or more")
+        if not (cfg.update_max_norm >= 0 and math.isfinite(cfg.update_max_norm)):
+            raise UserError(f"trainer.update_max_norm={cfg.update_max_norm}: use a finite number >= 0 (0 = off)")
+        if cfg.get("batch_tokens") and cfg.scoring_batch_size is not None:
+            raise UserError("trainer.scoring_batch_size needs fixed-size batches: drop it, or set "
+                            "trainer.batch_tokens=null")
         if cfg.decode_population == "batched" and (cfg.decode != "greedy" or cfg.perturb != "inplace"):
             raise UserError("trainer.decode_population=batched decodes greedily from stacked parameters: use it "
                             "with trainer.decode=greedy trainer.perturb=inplace, or decode_population=sequential")
@@ -186,7 +191,7 @@ class MGS(UpdateRule):
         sample = self.cfg.decode == "sample"
         if sample:  # every perturbed model sees the same sampling noise
             torch.manual_seed(seed)
-        return generate(model, batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample)
+        return generate(model, batch, max_new_tokens=self.max_new_tokens(batch), do_sample=sample)
 
     def _score(self, ids: torch.Tensor, batch: dict) -> np.ndarray:
         """The task loss's additive statistics of decoded `ids` against the batch's references."""
@@ -302,6 +307,8 @@ class MGS(UpdateRule):
         # -- update: Δθ* into .grad, negated so that a descending optimizer moves along Δθ*
         t0 = time.perf_counter()
         update_norm = self._write_update(guide, guide, samples, log_weights, noise_scales)
+        if cfg.update_max_norm > 0:  # the reference clips Δθ* before its optimizer step
+            torch.nn.utils.clip_grad_norm_(params, cfg.update_max_norm)
         with torch.no_grad():
             for g in guide:
                 g.neg_()
@@ -439,7 +446,7 @@ class MGS(UpdateRule):
         with batched_decoding.population(model, stacks):
             for shard, batch in decoded:
                 t0 = time.perf_counter()
-                groups = batched_decoding.decode(model, batch, 1 + len(mine), max_new_tokens=self.cfg.max_new_tokens)
+                groups = batched_decoding.decode(model, batch, 1 + len(mine), max_new_tokens=self.max_new_tokens(batch))
                 times["decode_s"] += time.perf_counter() - t0
                 if shard.local:
                     stats = self._score(groups[0], batch)

@@ -73,7 +73,7 @@ class MinimumRiskTraining(UpdateRule):
         # -- candidates: distinct samples (+ the reference)
         t0 = time.perf_counter()
         ids = sample(self.unwrapped, batch, num_samples=k, temperature=cfg.sample_temperature,
-                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step, shard.index))
+                     max_new_tokens=self.max_new_tokens(batch), seed=self.step_seed(step, shard.index))
         samples = trim(ids, self.eos)
         references = self.reference_ids(batch, start_id=samples[0][0]) if cfg.include_reference else None
         sets = candidate_sets(samples, references, k)

@@ -76,9 +76,9 @@ class PolicyGradient(UpdateRule):
         # -- sample K outputs per source (and the greedy output for the self-critical baseline)
         t0 = time.perf_counter()
         ids = sample(self.unwrapped, batch, num_samples=k, temperature=cfg.sample_temperature,
-                     max_new_tokens=cfg.max_new_tokens, seed=self.step_seed(step, shard.index))
+                     max_new_tokens=self.max_new_tokens(batch), seed=self.step_seed(step, shard.index))
         if cfg.baseline == "greedy":
-            greedy = generate(self.unwrapped, batch, max_new_tokens=cfg.max_new_tokens)
+            greedy = generate(self.unwrapped, batch, max_new_tokens=self.max_new_tokens(batch))
         sample_s = time.perf_counter() - t0
 
         # -- rewards, baseline, advantages: constants of the loss
