@@ -231,6 +231,7 @@ class EvaluateConfig:
     data_dir: str = "data"
     predictions: Optional[str] = None  # default: <checkpoint>/predictions-<data>-<split>-<file stem>-<hash>.txt
     source_prefix: Optional[str] = None  # null: the checkpoint's own (saved at training time)
+    per_example: bool = False  # also write <predictions stem>.per_example.jsonl: each output's tokens, EOS, losses
     seed: int = 0
     progress: bool = True
 

@@ -1,7 +1,9 @@
 """python -m mleps.evaluate checkpoint=PATH [data=NAME] [split=test] [decode.num_beams=4 ...]
 
 Decodes a split with a saved checkpoint, writes the predictions (one per line, dataset order)
-and prints, as its last line, one JSON object: metric, score, loss, n, the metric's own fields
+(per_example=true: also <predictions stem>.per_example.jsonl, one object per output with its token
+count, whether it ended with EOS and each sentence-form metric's loss) and prints, as its last line,
+one JSON object: metric, score, loss, n, the metric's own fields
 (for BLEU: bleu and sacrebleu's signature), one score per `eval.metrics` entry, the references'
 cross_entropy and perplexity, and the predictions path.
 
@@ -77,9 +79,11 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     if cfg.data.get("task", "pairs") == "completion":
         ds = completion_pairs(ds, tokenizer, cfg.data, cfg.split)
     prefix = cfg.source_prefix if cfg.source_prefix is not None else meta.get("source_prefix", "")
+    per_example = [] if cfg.per_example else None
     hyps, stats = decode_and_score(model, tokenizer, ds["source"], ds["references"], cfg.decode, metrics,
-                                   source_prefix=prefix, max_source_length=cfg.data.max_source_length,
-                                   progress=cfg.progress, desc=f"decode {cfg.split}")
+                                   per_example=per_example, source_prefix=prefix,
+                                   max_source_length=cfg.data.max_source_length, progress=cfg.progress,
+                                   desc=f"decode {cfg.split}")
     cross_entropy = reference_cross_entropy(model, tokenize(ds, tokenizer, cfg.data, prefix),
                                             Collator(tokenizer, model, cfg.data.get("loss_on")), cfg.decode.batch_size)
     result = metric_report(metrics, stats, hyps, ds["references"], *cross_entropy)
@@ -89,8 +93,15 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps), encoding="utf-8")
     tmp.replace(out)
+    extra = {}
+    if per_example is not None:  # one JSON object per output, dataset order (paired tests between checkpoints)
+        rows_path = out.with_name(out.stem + ".per_example.jsonl")
+        tmp = rows_path.with_name(rows_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in per_example), encoding="utf-8")
+        tmp.replace(rows_path)
+        extra["per_example"] = str(rows_path)
     return {"metric": metric.name, **result, "n": len(hyps), "split": cfg.split, "data": cfg.data.name,
-            "checkpoint": str(data_path(cfg.checkpoint)), "predictions": str(out)}
+            "checkpoint": str(data_path(cfg.checkpoint)), "predictions": str(out), **extra}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

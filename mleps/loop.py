@@ -137,14 +137,25 @@ class Interrupt:
         self.signum = signum
 
 
-def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, **decode_kwargs):
-    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split."""
+def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, per_example: list | None = None,
+                     **decode_kwargs):
+    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split. With a
+    `per_example` list, it is filled with one dict per output in dataset order: generated tokens, whether
+    it ended with EOS, and each metric's loss of that output alone (metrics with a sentence form)."""
     hyps = [""] * len(sources)
+    rows: list[dict | None] = [None] * len(sources)
     stats = [np.zeros(m.num_stats) for m in metrics]
     for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, references=references, **decode_kwargs):
         for i, text in zip(idx, decoded.texts):
             hyps[i] = text
         stats = [total + m.stats(decoded) for total, m in zip(stats, metrics)]
+        if per_example is not None:
+            losses = {m.name: m.sentence_losses(decoded) for m in metrics if m.has_sentence_form}
+            for n, i in enumerate(idx):
+                rows[i] = {"tokens": decoded.lengths[n], "ended": decoded.ended_with_eos[n],
+                           **{name: values[n] for name, values in losses.items()}}
+    if per_example is not None:
+        per_example.extend(rows)
     return hyps, stats
 
 

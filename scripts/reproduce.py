@@ -4,6 +4,7 @@
     python scripts/reproduce.py mt --budget tiny --out /tmp/r   # the pipeline in ~2 minutes
     python scripts/reproduce.py summarization           # AESLC, ROUGE-L, a smaller budget
     python scripts/reproduce.py scratch                 # MLE, PG and MGS from random weights
+    python scripts/reproduce.py completion_paper        # the paper's completion setting: MGS-LM, 500-token decodes
 
 Killed, it resumes at the first unfinished run when called again with the same arguments.
 Stages and design: mleps/reproduce.py. Writes docs/results.md (mt; other tasks
@@ -38,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-md", help="default docs/results.md (mt) or docs/results-<task>.md")
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
     p.add_argument("--json", help="default docs/results/<task>.json (a .csv is written beside it)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage (base, limits, calibration, lr_search, "
+                                                      "arms, test); no report then")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -61,7 +64,10 @@ def main(argv=None) -> None:
         extra[name.strip()] = shlex.split(overrides)
     repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
                          progress=not args.no_progress, extra_arms=extra)
-    results = repro.run()
+    results = repro.run(until=args.until)
+    if results is None:
+        print(f"stopped after stage {args.until}; run the same command without --until to go on")
+        return
     from mleps.reproduce_report import write_report
 
     command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
