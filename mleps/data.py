@@ -329,10 +329,12 @@ class BatchStream:
 
 class TokenBudgetStream(BatchStream):
     """trainer.batch_tokens: length-sorted batches of at most `batch_tokens` padded tokens (rows x the
-    longest row), as the reference code batches paragraphs. The batches are cut once (sequences sorted
-    by length, ties in a seeded order); each epoch visits them in a permutation seeded by (seed, epoch),
-    so a step's batch is still a pure function of (seed, step). A sequence longer than the budget is a
-    batch of its own. A step's rows are cut into micro-batches [j::count] as in BatchStream.
+    longest row) per micro-batch, as the reference code batches paragraphs. A step's global batch holds
+    up to batch_tokens x the count of micro-batches (processes x accumulation) and at least one row per
+    micro-batch, cut into micro-batches [j::count] as in BatchStream; so 2 processes see the batches one
+    process with 2 accumulation steps sees. The batches are cut once (sequences sorted by length, ties in
+    a seeded order); each epoch visits them in a permutation seeded by (seed, epoch), so a step's batch is
+    still a pure function of (seed, step). A sequence longer than the budget is a batch of its own.
     """
 
     def __init__(self, dataset, batch_tokens: int, lengths: list[int], seed: int, rank: int = 0,
@@ -341,23 +343,24 @@ class TokenBudgetStream(BatchStream):
         self.world_size, self.accumulation = world_size, accumulation
         self.count = world_size * accumulation
         self.batch_size = None  # varies with the batch
+        if len(lengths) < self.count:
+            raise UserError(f"{len(lengths)} training sequences cannot fill the {self.count} micro-batches of a "
+                            f"step (processes x accumulation): lower trainer.gradient_accumulation_steps")
+        budget = batch_tokens * self.count
         g = torch.Generator().manual_seed(seed * 100_003 + 7)
         ties = torch.randperm(len(lengths), generator=g).tolist()
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], ties[i]))
         self.batches, current, longest = [], [], 0
         for i in order:
-            if current and max(longest, lengths[i]) * (len(current) + 1) > batch_tokens:
+            if len(current) >= self.count and max(longest, lengths[i]) * (len(current) + 1) > budget:
                 self.batches.append(current)
                 current, longest = [], 0
             current.append(i)
             longest = max(longest, lengths[i])
-        if current:
+        if len(current) < self.count:  # the longest rows: too few for a batch of their own
+            self.batches[-1] += current
+        else:
             self.batches.append(current)
-        small = [b for b in self.batches if len(b) < self.count]
-        if small:
-            raise UserError(f"trainer.batch_tokens={batch_tokens} makes {len(small)} batches of fewer rows than "
-                            f"the {self.count} micro-batches of a step (processes x accumulation): raise "
-                            f"trainer.batch_tokens or lower trainer.gradient_accumulation_steps")
         self._perms = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:

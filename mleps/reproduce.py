@@ -150,6 +150,7 @@ class Budget:
     seeds: tuple = (0, 1, 2)
     beams: tuple = (1, 4)
     evaluations_per_arm: int = 4
+    limits: tuple | None = None  # stage limits' decode limits (None: the task's)
     notes: str = ""
 
 
@@ -243,12 +244,12 @@ BUDGETS[("completion", "tiny")] = Budget("tiny", train_s=1.0, base=TINY_BASE,
 # The decode limit: the paper evaluates to 500 new tokens; stage `limits` measures the base at 50..500.
 PAPER_CPU_LIMIT = 500
 BUDGETS[("completion_paper", "cpu")] = Budget(
-    "cpu", train_s=90, arm_eval_examples=250, beams=(1,), lrs=(1e-5, 6.25e-5, 3e-4),
+    "cpu", train_s=90, arm_eval_examples=100, beams=(1,), lrs=(1e-5, 6.25e-5, 3e-4), evaluations_per_arm=3,
     base=["trainer.max_steps=4000", "trainer.eval_every=250", "trainer.save_every=250", "trainer.patience=3",
           "trainer.max_train_s=1500", "data.max_eval_examples=250"],
     common=[*COMPLETION_MODEL, f"decode.max_new_tokens={PAPER_CPU_LIMIT}"],
     sampling=["trainer.max_length_ratio=1.3", f"trainer.max_new_tokens={PAPER_CPU_LIMIT}"],
-    evaluate=[f"decode.max_new_tokens={PAPER_CPU_LIMIT}", "data.max_eval_examples=500"],
+    evaluate=[f"decode.max_new_tokens={PAPER_CPU_LIMIT}", "data.max_eval_examples=300"],
     notes="tiny_gpt2 at 128 wide, 2 layers (1.4 M parameters) on AESLC email bodies, each email one sequence "
           "ending in EOS (data.sequences=documents; the 17 % longer than 256 tokens dropped and counted, none "
           "of at most 10 tokens), batched by length to at most 4,096 padded tokens (trainer.batch_tokens). "
@@ -256,8 +257,8 @@ BUDGETS[("completion_paper", "cpu")] = Budget(
           "keeping the lowest reference cross-entropy, stopping after 3 evaluations without a lower one or at "
           "25 minutes. Every other arm fine-tunes on the summed NLL of prompt + greedy continuation under the "
           "frozen base (metric=lm metric.reduction=sum), its training decodes stopped at 1.3 x the batch's "
-          "longest reference; arms are validated 4 times on 250 validation emails (best by that loss) and "
-          f"tested greedily on the first 500 test emails, decoded to at most {PAPER_CPU_LIMIT} new tokens "
+          "longest reference; arms are validated 3 times on the first 100 validation emails (best by that loss) "
+          f"and tested greedily on the first 300 test emails, decoded to at most {PAPER_CPU_LIMIT} new tokens "
           "(non-termination = no EOS by then), the task loss scored with the base. What this costs in "
           "fidelity: a 1.4 M-parameter model on 1.2 M tokens of email instead of GPT-2 small on WikiText-103, "
           "and minutes of fine-tuning instead of GPU-hours.")
@@ -265,7 +266,7 @@ BUDGETS[("completion_paper", "tiny")] = Budget(
     "tiny", train_s=1.0, base=TINY_BASE,
     **{**TINY, "beams": (1,),
        "common": [*TINY["common"], "data.max_sequence_tokens=500", "trainer.batch_tokens=2000"],
-       "sampling": ["trainer.max_new_tokens=24", "trainer.max_length_ratio=1.3"]},
+       "sampling": ["trainer.max_new_tokens=24", "trainer.max_length_ratio=1.3"], "limits": (8, 16, 24)},
     notes="the tests' tiny model, 32 emails per split")
 
 # Documented, not run here (GPU scale): the paper's setting.
@@ -487,6 +488,9 @@ class Reproduction:
                                                         *self.task.overrides, *select, *self.budget.common])]
 
     # -- limits: the base's degeneration against the decode limit (validation) ----------
+    def limits(self) -> tuple:
+        return self.task.limits if self.budget.limits is None else self.budget.limits
+
     def limit_file(self, limit: int) -> Path:
         return self.out / "limits" / f"max_new_tokens{limit}.json"
 
@@ -494,7 +498,7 @@ class Reproduction:
         """The base decoded greedily on the arms' validation rows at each of the task's limits: how
         non-termination and repetition grow with the limit (the limit itself is the budget's choice)."""
         jobs = []
-        for limit in self.task.limits:
+        for limit in self.limits():
             done = self.limit_file(limit)
             argv = ["mleps.evaluate", f"checkpoint={self.base_checkpoint}", *self.task.evaluate, "split=validation",
                     f"predictions={done.with_suffix('.txt')}", "progress=false", *self.budget.evaluate,

@@ -78,7 +78,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def compare_sentence(a: str, b: str, deltas: list[float], ps: list[float], metric: str) -> str:
+def compare_sentence(a: str, b: str, deltas: list[float], ps: list[float], metric: str, digits: int = 2) -> str:
     """One sentence: does `a` beat `b`, from the per-seed differences and p-values."""
     mean = sum(deltas) / len(deltas)
     significant = [p < ALPHA and (d > 0) == (mean > 0) and d != 0 for d, p in zip(deltas, ps)]
@@ -92,7 +92,61 @@ def compare_sentence(a: str, b: str, deltas: list[float], ps: list[float], metri
     else:
         verb = "is not distinguishable from"
         how = f"no seed significant at p < {ALPHA}"
-    return f"{a} {verb} {b} on test {metric}: mean Δ {mean:+.2f} ({how}; p per seed: {ps_text})."
+    return f"{a} {verb} {b} on test {metric}: mean Δ {mean:+.{digits}f} ({how}; p per seed: {ps_text})."
+
+
+# Per-output quantities of evaluate's per_example=true rows (None: the output does not count, e.g. seq-rep-4
+# of an output shorter than 4 tokens, which the paper's average leaves out)
+PER_EXAMPLE = {
+    "task_loss": lambda row: row["lm"],
+    "seq_rep": lambda row: row["seq_rep"] if row["tokens"] >= 4 else None,
+    "nontermination": lambda row: 0.0 if row["ended"] else 1.0,
+}
+
+
+def paired_bootstrap_rows(a: list, b: list, n_samples: int = 1000, seed: int = 12345) -> dict:
+    """Paired bootstrap over examples of mean(a) - mean(b) (None values left out of their system's mean):
+    {"delta", "p", "ci95"}. p is two-sided, sacrebleu's form: (1 + #|resampled Δ - mean resampled Δ| >= |Δ|)
+    / (n + 1)."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired rows differ in length ({len(a)} and {len(b)}): the same test rows are needed")
+    x = np.array([np.nan if v is None else v for v in a], dtype=float)
+    y = np.array([np.nan if v is None else v for v in b], dtype=float)
+    delta = float(np.nanmean(x) - np.nanmean(y))
+    if np.array_equal(x, y, equal_nan=True):
+        return {"delta": 0.0, "p": 1.0, "ci95": [0.0, 0.0]}
+    index = np.random.default_rng(seed).integers(0, len(x), size=(n_samples, len(x)))
+    with np.errstate(invalid="ignore"):
+        resampled = np.nanmean(x[index], axis=1) - np.nanmean(y[index], axis=1)
+    resampled = resampled[np.isfinite(resampled)]
+    p = (1 + int((np.abs(resampled - resampled.mean()) >= abs(delta)).sum())) / (len(resampled) + 1)
+    return {"delta": delta, "p": p, "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))]}
+
+
+def paired_tests(rows: list[dict], baselines: tuple = ("mle", "mgs_blind")) -> dict:
+    """budget -> seed -> "arm vs baseline" -> quantity -> paired_bootstrap_rows, on the greedy test rows
+    (evaluate per_example=true) of the same seed; every arm against each baseline."""
+    by = {}
+    for r in rows:
+        path = r["test"].get("greedy", {}).get("per_example")
+        if path:
+            per_row = [json.loads(line) for line in Path(path).read_text().splitlines()]
+            by.setdefault(r["budget"], {}).setdefault(r["seed"], {})[r["arm"]] = per_row
+    out = {}
+    for b, seeds in by.items():
+        for seed, arms in seeds.items():
+            pairs = {}
+            for baseline in baselines:
+                for arm in arms:
+                    if arm == baseline or baseline not in arms or f"{baseline} vs {arm}" in pairs:
+                        continue
+                    pairs[f"{arm} vs {baseline}"] = {
+                        key: paired_bootstrap_rows([f(x) for x in arms[arm]], [f(x) for x in arms[baseline]])
+                        for key, f in PER_EXAMPLE.items()}
+            out.setdefault(b, {})[str(seed)] = pairs
+    return out
 
 
 # -- collecting the numbers from the runs -------------------------------------------------------
@@ -116,6 +170,8 @@ def run_row(run_dir: Path, higher_is_better: bool = True) -> dict:
         for key in DIAGNOSTICS[:3]:
             diag[key] = sum(e[key] for e in train) / len(train)
         diag["loss_minus_perturbed_mean"] = sum(e["task_loss"] - e["perturbed_loss_mean"] for e in train) / len(train)
+        if "loss_spread_std" in train[-1]:
+            diag["loss_spread_std"] = sum(e["loss_spread_std"] for e in train) / len(train)
         diag["num_samples"] = _config(run_dir).get("trainer", {}).get("num_samples")
         for key, logged in HELD_OUT.items():  # trainer.diagnose_every: only the steps that ran it
             values = [e[logged] for e in train if e.get(logged) is not None]
@@ -187,9 +243,15 @@ def collect(repro, commands: dict) -> dict:
     results["summary"] = summarize(rows, results.get("base"), list(repro.decodes()), task.test_keys)
     if not task.from_scratch and "chrf" in task.test_keys:  # sacrebleu's bootstrap: text metrics only
         results["significance"] = significance(rows, repro.references(), task.metric)
-    if task.name == "completion" and "greedy" in repro.decodes():
+    if task.name.startswith("completion") and "greedy" in repro.decodes():
         results["examples"] = side_by_side(repro, rows)
-    results["verdict"] = completion_verdict(results) if task.name == "completion" else verdict(results)
+    if task.limits or repro.budget.limits:
+        results["limits"] = {str(limit): json.loads(repro.limit_file(limit).read_text()) for limit in repro.limits()}
+    if task.name == "completion_paper":
+        results["paired"] = paired_tests(rows)
+        results["verdict"] = completion_paper_verdict(results)
+    else:
+        results["verdict"] = completion_verdict(results) if task.name == "completion" else verdict(results)
     return results
 
 
@@ -229,6 +291,8 @@ def summarize(rows: list[dict], base: dict | None, decodes: list[str],
                     if all(k in d for d in diags):
                         s["diagnostics"][k] = sum(d[k] for d in diags) / len(diags)
                 s["diagnostics"]["num_samples"] = diags[0].get("num_samples")
+                if all("loss_spread_std" in d for d in diags):
+                    s["diagnostics"]["loss_spread_std"] = sum(d["loss_spread_std"] for d in diags) / len(diags)
             summary.setdefault(b, {})[arm] = s
     return summary
 
@@ -343,9 +407,84 @@ def completion_verdict(results: dict) -> list[str]:
     return sentences
 
 
+def completion_paper_verdict(results: dict) -> list[str]:
+    """The paper-setting issue's bar, from the numbers: the base degenerates at the decode limit; MGS-LM
+    halves its non-termination and seq-rep-4 with the references' perplexity within +10 %; and MGS-LM
+    beats MGS-blind and continued MLE (paired bootstrap per seed on the test outputs)."""
+    base = (results.get("base") or {}).get("test", {}).get("greedy")
+    if base is None:
+        return []
+    names = {"mle": "continued MLE", "mgs_blind": "MGS-blind", "mgs_default": "MGS-LM (default proposal)",
+             "pg": "PG-LM", "mrt": "MRT-LM"}
+    degenerate = base["nontermination"] >= 0.10 or base["seq_rep"] >= 0.30
+    sentences = [f"The MLE base {'degenerates' if degenerate else 'does not degenerate'} at the test decode limit: "
+                 f"non-termination {base['nontermination']:.3f} (bar >= 0.10), seq-rep-4 per continuation "
+                 f"{base['seq_rep']:.3f} (bar >= 0.30)."]
+    for b, arms in results["summary"].items():
+        mgs, label = arms.get("mgs"), b.replace("_", " ")
+        if not mgs or "seq_rep_greedy" not in mgs:
+            continue
+        for key, what in (("nontermination", "non-termination"), ("seq_rep", "seq-rep-4")):
+            value, ref = mgs[f"{key}_greedy"][0], base[key]
+            factor = ref / value if value > 0 else float("inf")
+            sentences.append(f"At {label}: MGS-LM's {what} is {value:.3f} against the base's {ref:.3f}: ×{1 / factor:.2f} "
+                             f"({'meets' if factor >= 2 else 'misses'} the 2× reduction)." if ref > 0 else
+                             f"At {label}: the base's {what} is 0; MGS-LM's is {value:.3f}.")
+        ppl = mgs["perplexity_greedy"][0]
+        change = ppl / base["perplexity"] - 1
+        sentences.append(f"At {label}: the references' perplexity under MGS-LM is {ppl:.2f} against the base's "
+                         f"{base['perplexity']:.2f} ({100 * change:+.1f} %, {'within' if change <= 0.10 else 'beyond'} "
+                         f"the +10 % allowed).")
+        seeds = (results.get("paired") or {}).get(b, {})
+        for other in ("mgs_blind", "mle", "mgs_default", "pg", "mrt"):
+            for key, what, digits_ in (("task_loss", "task loss (summed NLL)", 2), ("seq_rep", "seq-rep-4", 3),
+                                       ("nontermination", "non-termination", 3)):
+                found = [seeds[s][f"mgs vs {other}"][key] for s in seeds if f"mgs vs {other}" in seeds[s]]
+                if found:  # a lower loss is better: the sentence's Δ is the baseline's minus MGS-LM's
+                    sentences.append(f"At {label}: " + compare_sentence(
+                        "MGS-LM", names[other], [-f["delta"] for f in found], [f["p"] for f in found],
+                        f"{what}, reduction", digits_))
+        diag = mgs.get("diagnostics")
+        if diag:
+            sentences.append(f"At {label}, MGS-LM's importance weights had ESS {diag['ess']:.2f} of "
+                             f"{diag.get('num_samples') or 'K'}, {100 * diag['guided_weight']:.0f} % of the weight on "
+                             f"guided samples; the K losses' spread (std of C(θ+Δ_k) - C(θ)) was "
+                             f"{diag.get('loss_spread_std', float('nan')):.3f} and the best perturbation lowered the "
+                             f"batch task loss by {diag['best_improvement']:.3f} on average.")
+    return sentences
+
+
+def limits_markdown(limits: dict) -> list[str]:
+    rows = [[limit, f"{r['nontermination']:.3f}", f"{r['seq_rep']:.3f}", f"{r['repetition']:.3f}",
+             f"{r['mean_tokens']:.1f}", f"{r['score']:.2f}"] for limit, r in limits.items()]
+    n = next(iter(limits.values()))["n"]
+    return ["## Degeneration of the base against the decode limit", "",
+            f"The MLE base decoded greedily on {n} validation sequences (the arms' validation rows) with "
+            "decode.max_new_tokens set to each limit; non-termination = no EOS within the limit.", "",
+            markdown_table(["max new tokens", "non-term.", "seq-rep-4 (per continuation)", "seq-rep-4 (pooled)",
+                            "mean tokens", "task loss"], rows), ""]
+
+
+def paired_markdown(paired: dict, label_of: dict) -> list[str]:
+    lines = []
+    for b, seeds in paired.items():
+        pairs = list(dict.fromkeys(p for s in seeds.values() for p in s))
+        header = ["comparison (greedy test)"] + [f"seed {s}: Δ{k} (p)" for s in seeds for k in PER_EXAMPLE]
+        rows = [[" vs ".join(label_of.get(a, a) for a in p.split(" vs "))]
+                + [f"{seeds[s][p][k]['delta']:+.{2 if k == 'task_loss' else 3}f} ({seeds[s][p][k]['p']:.3f})"
+                   if p in seeds[s] else "-" for s in seeds for k in PER_EXAMPLE] for p in pairs]
+        lines += [f"### Paired tests, {b.replace('_', ' ')}", "",
+                  "Paired bootstrap over the test sequences (1,000 resamples, numpy seed 12345), the same seed's "
+                  "outputs: Δ = first minus second, lower is better for all three (task loss = summed NLL under the "
+                  "base; seq-rep-4 per continuation over outputs of >= 4 tokens; non-termination); p is two-sided.",
+                  "", markdown_table(header, rows), ""]
+    return lines
+
+
 # -- writing ------------------------------------------------------------------------------------
 COLUMN_LABELS = {"chrf": "chrF", "task_loss": "task loss", "repetition": "seq-rep-4", "nontermination": "non-term.",
-                 "edit": "edit dist.", "perplexity": "ref. ppl", "mean_words": "words"}
+                 "edit": "edit dist.", "perplexity": "ref. ppl", "mean_words": "words",
+                 "seq_rep": "seq-rep-4 (per cont.)", "mean_tokens": "tokens"}
 
 
 def column_label(name: str, metric: str) -> str:
@@ -354,7 +493,7 @@ def column_label(name: str, metric: str) -> str:
 
 def digits(name: str) -> int:
     """Decimals shown: BLEU-like scores 2, shares and distances 3."""
-    return 3 if name in ("task_loss", "repetition", "nontermination", "edit") else 2
+    return 3 if name in ("task_loss", "repetition", "nontermination", "edit", "seq_rep") else 2
 
 
 def examples_markdown(examples: list[dict]) -> list[str]:
@@ -373,9 +512,16 @@ STANDARD_ARMS = ("mle", "pg", "mrt", "mgs", "mgs_blind")
 ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "mrt": "MRT", "mgs": "MGS", "mgs_blind": "MGS-blind (uniform weights)"}
 
 
+PAPER_ARM_NAMES = {"mgs": "MGS-LM (paper's proposal)", "mgs_blind": "MGS-LM-blind (uniform weights)",
+                   "mgs_default": "MGS-LM (default proposal)", "pg": "PG-LM", "mrt": "MRT-LM"}
+
+
 def arm_names(results: dict) -> dict[str, str]:
-    """Display names; from random weights MLE continues nothing."""
-    return {**ARM_NAMES, "mle": "MLE from scratch"} if results.get("from_scratch") else ARM_NAMES
+    """Display names; from random weights MLE continues nothing; the paper's completion setting trains every
+    sampling arm on the LM loss."""
+    if results.get("from_scratch"):
+        return {**ARM_NAMES, "mle": "MLE from scratch"}
+    return {**ARM_NAMES, **PAPER_ARM_NAMES} if results.get("task") == "completion_paper" else ARM_NAMES
 
 
 def plot_curves(rows: list[dict], budget: str, metric: str, out: Path, names: dict[str, str] = ARM_NAMES) -> Path:
@@ -469,6 +615,8 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
         lines += [markdown_table(["decode"] + [column_label(n, m) for n in keys.values()],
                                  [[d] + [f"{base['test'][d][k]:.{digits(n)}f}" for k, n in keys.items()]
                                   for d in decodes]), ""]
+    if results.get("limits"):
+        lines += limits_markdown(results["limits"])
     summary = results["summary"]
     for b, arms in summary.items():
         lines += [f"## {b.replace('_', ' ').capitalize()}", ""]
@@ -514,10 +662,12 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
                                      + [{"rank_corr": "held-out rank correlation",
                                          "taken_minus_blind": "taken − blind (held out)"}[k] for k in held_out],
                                      diag_rows), ""]
+    if results.get("paired"):
+        lines += paired_markdown(results["paired"], label_of)
     if results.get("examples"):
         lines += examples_markdown(results["examples"])
     if results["verdict"]:
-        how = "(p < 0.05 per seed counts as significant)" if results.get("significance") else \
+        how = "(p < 0.05 per seed counts as significant)" if results.get("significance") or results.get("paired") else \
             "(means over seeds; no significance test)"
         lines += ["## Verdict", "", f"Computed from the numbers above {how}:", ""]
         lines += [f"- {s}" for s in results["verdict"]] + [""]
