@@ -7,8 +7,8 @@
     python scripts/reproduce.py completion_paper        # the paper's completion setting: MGS-LM, 500-token decodes
 
 Killed, it resumes at the first unfinished run when called again with the same arguments.
-Stages and design: mleps/reproduce.py. Writes docs/results.md (mt; other tasks
-docs/results-<task>.md), plots in docs/img/ and the numbers in docs/results/<task>.json + .csv.
+Stages and design: mleps/reproduce.py. Writes docs/results/<task>.md (e.g. docs/results/mt.md),
+plots in docs/results/img/ and the numbers in docs/results/<task>.json + .csv.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an extra arm, calibrated and run like the others, e.g. "
                         "--arm mgs_line='trainer=mgs trainer.warm_start_steps=0 trainer.line_search_scales=[1,2,4]'")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each when > 1")
-    p.add_argument("--results-md", help="default docs/results.md (mt) or docs/results-<task>.md")
-    p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
+    p.add_argument("--results-md", help="default docs/results/<task>.md")
+    p.add_argument("--img-dir", default=str(ROOT / "docs" / "results" / "img"))
     p.add_argument("--json", help="default docs/results/<task>.json (a .csv is written beside it)")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage (base, limits, calibration, lr_search, "
                                                       "arms, test); no report then")
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         print(PAPERS[args.task])
         return
     out = Path(args.out or f"runs/reproduce/{args.task}")
-    md = Path(args.results_md or ROOT / "docs" / ("results.md" if args.task == "mt" else f"results-{args.task}.md"))
+    md = Path(args.results_md or ROOT / "docs" / "results" / f"{args.task}.md")
     json_path = Path(args.json or ROOT / "docs" / "results" / f"{args.task}.json")
     extra = {}
     for spec in args.arm:
