@@ -109,7 +109,9 @@ COMPLETION_PAPER = ["data=completion", "data.sequences=documents", "data.max_seq
 PAPER_ARMS = {
     "mgs": ["trainer=mgs_paper"],
     "mgs_blind": ["trainer=mgs_paper", "trainer.beta=null", "trainer.temperature=1e9", "trainer.density=none"],
-    "mgs_default": ["trainer=mgs", "trainer.warm_start_steps=0"],
+    # the same β = 1 as the paper's MGS-LM (trainer=mgs's α = 0.01 is scaled for 1 - BLEU/100): only the
+    # proposal and the update differ
+    "mgs_default": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.temperature=1.0"],
 }
 
 TASKS = {
@@ -283,18 +285,21 @@ PAPER = """\
            same wall time, 3 seeds; test on tst2014, beam 4 (and greedy)
 Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps/reproduce.py)."""
 PAPER_COMPLETION = """\
-`completion --budget paper` (documented, not run on this machine; needs a GPU and the internet):
-  data     WikiText-103: python scripts/export_wikitext103.py, then data=wikitext103 (10-token
-           prefixes, references of up to 300 tokens; conf/data/wikitext103.yaml)
+`completion_paper --budget paper` (documented, not run on this machine; needs a GPU and the internet):
+  data     WikiText-103 raw: python scripts/export_wikitext103.py, then data=wikitext103 (each non-empty
+           line a paragraph and one sequence ending in EOS, <= 10 tokens dropped; 10-token prompts)
+  batches  trainer.batch_tokens=1024 (length-sorted, the reference's --chunk-size-train)
   model    GPT-2 small from the hub: model=hf model.name_or_path=gpt2
   base     trainer=mle fine-tuned to its validation perplexity optimum (eval.select=cross_entropy,
            trainer.patience=5)
-  arms     MGS / PG / MRT on metric=composite "metric.losses=[repetition,nontermination]" with
-           decode.max_new_tokens=300 trainer.max_new_tokens=300, MLE continued for the same wall
-           time, MGS-blind, 3 seeds; report seq-rep-4, non-termination, edit distance and
-           reference perplexity of greedy continuations (Welleck & Cho 2021, Table 1)
-Run it with this driver's completion stages by putting those overrides in the budget."""
-PAPERS = {"mt": PAPER, "completion": PAPER_COMPLETION}
+  arms     trainer=mgs_paper (MGS-LM: metric=lm metric.reduction=sum, scored by the frozen base),
+           its uniform-weight twin, trainer=mgs, PG and MRT on the same loss, MLE continued for the
+           same wall time, 5 seeds; decode.max_new_tokens=500 trainer.max_new_tokens=1000
+           trainer.max_length_ratio=1.3; validation on 250 sequences, patience 5
+  report   seq-rep-4 per continuation and pooled, non-termination, mean length, the references'
+           perplexity, the task loss (Welleck & Cho 2021, Table 1)
+Run it with this driver's completion_paper stages by putting those overrides in the budget."""
+PAPERS = {"mt": PAPER, "completion": PAPER_COMPLETION, "completion_paper": PAPER_COMPLETION}
 
 
 class RunFailed(UserError):
