@@ -45,3 +45,20 @@ def test_tiny_completion_paper_reproduction(tmp_path, data_dir):
     assert "## Degeneration of the base against the decode limit" in md and "### Paired tests, equal time" in md
     assert "MGS-LM (paper's proposal)" in md and "2× reduction" in md and "+10 %" in md
     assert len(results["examples"]) == 5
+
+
+def test_paired_bootstrap_over_sequences_on_known_differences():
+    from mleps.reproduce_report import paired_bootstrap_rows
+
+    a = [0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6, 0.8] * 8
+    same = paired_bootstrap_rows(a, list(a))
+    assert same == {"delta": 0.0, "p": 1.0, "ci95": [0.0, 0.0]}
+    shifted = paired_bootstrap_rows([x + 0.05 for x in a], a)  # every sequence 0.05 worse: no resample disagrees
+    assert shifted["delta"] == pytest.approx(0.05) and shifted["p"] < 0.01
+    assert shifted["ci95"][0] == pytest.approx(0.05) and shifted["ci95"][1] == pytest.approx(0.05)
+    noisy = paired_bootstrap_rows([x + (0.01 if i % 2 else -0.01) for i, x in enumerate(a)], a)
+    assert abs(noisy["delta"]) < 1e-12 and noisy["p"] > 0.5  # no difference on average
+    # None (an output shorter than n for seq-rep) is left out of its own system's mean only
+    assert paired_bootstrap_rows([None, 1.0, 3.0], [1.0, 1.0, 1.0])["delta"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same test rows"):
+        paired_bootstrap_rows([1.0], [1.0, 2.0])
