@@ -264,6 +264,12 @@ BUDGETS[("completion_paper", "cpu")] = Budget(
           "(non-termination = no EOS by then), the task loss scored with the base. What this costs in "
           "fidelity: a 1.4 M-parameter model on 1.2 M tokens of email instead of GPT-2 small on WikiText-103, "
           "and minutes of fine-tuning instead of GPU-hours.")
+# Fewer arms for longer (--arms mle mgs mgs_blind, --base the cpu budget's base): what 8 minutes of MGS-LM do.
+# Continued MLE keeps the lr the cpu budget chose on validation (one lr: its search run is its seed-0 arm).
+BUDGETS[("completion_paper", "long")] = dataclasses.replace(
+    BUDGETS[("completion_paper", "cpu")], name="long", train_s=480, seeds=(0,), lrs=(3e-4,),
+    notes=BUDGETS[("completion_paper", "cpu")].notes + " Long budget: 480 s per arm, one seed, the cpu budget's "
+          "base; continued MLE at the lr the cpu budget's search chose on validation.")
 BUDGETS[("completion_paper", "tiny")] = Budget(
     "tiny", train_s=1.0, base=TINY_BASE,
     **{**TINY, "beams": (1,),
@@ -409,13 +415,14 @@ class Reproduction:
 
     def __init__(self, task: str, budget: str, out: Path, seeds: list[int] | None = None,
                  base: Path | None = None, beams: list[int] | None = None, jobs: int = 2, progress: bool = True,
-                 extra_arms: dict[str, list[str]] | None = None):
+                 extra_arms: dict[str, list[str]] | None = None, only_arms: list[str] | None = None):
         if task not in TASKS:
             raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
         if budget == "paper":
             raise UserError("--budget paper is documented, not runnable on CPU: see `scripts/reproduce.py --help`")
         if (task, budget) not in BUDGETS:
-            raise UserError(f"unknown budget '{budget}' for {task}: use cpu, tiny or paper")
+            raise UserError(f"unknown budget '{budget}' for {task}: use "
+                            f"{', '.join(b for t, b in BUDGETS if t == task)} or paper")
         self.task, self.budget = TASKS[task], BUDGETS[(task, budget)]
         self.arms = {**ARMS, **self.task.arm_overrides}
         self.cost_of = dict(COST_OF)
@@ -431,6 +438,12 @@ class Reproduction:
                 self.cost_of[name] = like
         if extra_arms:
             self.task = dataclasses.replace(self.task, arms=[*self.task.arms, *extra_arms])
+        if only_arms:  # a subset of the task's arms (equal steps still follow MGS's count)
+            unknown = [a for a in only_arms if a not in self.task.arms]
+            if unknown or "mgs" not in only_arms:
+                raise UserError(f"--arms {' '.join(only_arms)}: name arms of {self.task.name} "
+                                f"({', '.join(self.task.arms)}), mgs among them")
+            self.task = dataclasses.replace(self.task, arms=[a for a in self.task.arms if a in only_arms])
         if beams:
             if any(b < 1 for b in beams):
                 raise UserError(f"--beams {beams}: beam sizes are 1 (greedy) or more")

@@ -27,7 +27,8 @@ from mleps.reproduce import PAPER, PAPERS, TASKS, Reproduction  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=PAPER, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=list(TASKS))
-    p.add_argument("--budget", default="cpu", choices=["cpu", "tiny", "paper"])
+    p.add_argument("--budget", default="cpu", choices=["cpu", "tiny", "long", "paper"],
+                   help="long: completion_paper only, fewer arms for longer (with --arms and --base)")
     p.add_argument("--out", help="run folder (default runs/reproduce/<task>)")
     p.add_argument("--seeds", type=int, nargs="+", help="arm seeds (default: the budget's, 0 1 2 for mt)")
     p.add_argument("--base", help="a checkpoint folder to start the arms from (skips the base stage)")
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="an extra arm, calibrated and run like the others, e.g. "
                         "--arm mgs_line='trainer=mgs trainer.warm_start_steps=0 trainer.line_search_scales=[1,2,4]'")
+    p.add_argument("--arms", nargs="+", help="run only these of the task's arms (mgs among them)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each when > 1")
     p.add_argument("--results-md", help="default docs/results/<task>.md")
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "results" / "img"))
@@ -63,7 +65,7 @@ def main(argv=None) -> None:
             raise UserError(f"--arm {spec}: write NAME=OVERRIDES, e.g. --arm mgs_rank='trainer=mgs trainer.weighting=rank'")
         extra[name.strip()] = shlex.split(overrides)
     repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
-                         progress=not args.no_progress, extra_arms=extra)
+                         progress=not args.no_progress, extra_arms=extra, only_arms=args.arms)
     results = repro.run(until=args.until)
     if results is None:
         print(f"stopped after stage {args.until}; run the same command without --until to go on")
