@@ -415,7 +415,8 @@ class Reproduction:
 
     def __init__(self, task: str, budget: str, out: Path, seeds: list[int] | None = None,
                  base: Path | None = None, beams: list[int] | None = None, jobs: int = 2, progress: bool = True,
-                 extra_arms: dict[str, list[str]] | None = None, only_arms: list[str] | None = None):
+                 extra_arms: dict[str, list[str]] | None = None, only_arms: list[str] | None = None,
+                 calibration_from: Path | None = None):
         if task not in TASKS:
             raise UserError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
         if budget == "paper":
@@ -460,6 +461,9 @@ class Reproduction:
             if self.task.from_scratch:
                 raise UserError("--base makes no sense for scratch: every arm starts from random weights")
         self.given_base = base
+        # another run dir of the same task whose calibration runs to reuse (its seconds per step, measured
+        # there; they do not depend on the time budget)
+        self.calibration_root = Path(calibration_from).resolve() / "calibration" if calibration_from else None
         self._lock = threading.Lock()
         self.runner = Runner(jobs, progress)
 
@@ -531,7 +535,8 @@ class Reproduction:
 
     def calibration_dirs(self) -> dict[str, list[Path]]:
         rounds = range(self.budget.calibration_rounds)
-        return {rule: [self.out / "calibration" / f"{rule}-r{r}" for r in rounds] for rule in self.calibration_rules()}
+        root = self.calibration_root or self.out / "calibration"
+        return {rule: [root / f"{rule}-r{r}" for r in rounds] for rule in self.calibration_rules()}
 
     def stage_calibration(self) -> list[Job]:
         # Interleaved rounds (mle, pg, mrt, mgs, mle, ...): a slow spell of the machine hits every rule.

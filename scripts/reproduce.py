@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="an extra arm, calibrated and run like the others, e.g. "
                         "--arm mgs_line='trainer=mgs trainer.warm_start_steps=0 trainer.line_search_scales=[1,2,4]'")
+    p.add_argument("--calibration-from", metavar="OUT", help="reuse the calibration runs of another --out of the "
+                                                             "same task (seconds per step do not depend on T)")
     p.add_argument("--arms", nargs="+", help="run only these of the task's arms (mgs among them)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each when > 1")
     p.add_argument("--results-md", help="default docs/results/<task>.md")
@@ -65,7 +67,8 @@ def main(argv=None) -> None:
             raise UserError(f"--arm {spec}: write NAME=OVERRIDES, e.g. --arm mgs_rank='trainer=mgs trainer.weighting=rank'")
         extra[name.strip()] = shlex.split(overrides)
     repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
-                         progress=not args.no_progress, extra_arms=extra, only_arms=args.arms)
+                         progress=not args.no_progress, extra_arms=extra, only_arms=args.arms,
+                         calibration_from=args.calibration_from)
     results = repro.run(until=args.until)
     if results is None:
         print(f"stopped after stage {args.until}; run the same command without --until to go on")
