@@ -10,7 +10,7 @@ one log file each, `progress=false`):
                equal steps; each evaluates ~4 times on validation and keeps its best checkpoint
   test         mleps.evaluate of the base and of every arm's best checkpoint, greedy and beam 4
 
-then the report (mleps/reproduce_report.py): tables, paired bootstrap, plots, JSON and CSV.
+then the report (mleps_lab/reproduce_report.py): tables, paired bootstrap, plots, JSON and CSV.
 
 Equal training time without depending on the machine's load: the calibration converts the time
 budget T into a step count per rule, steps_r = round(T / s_r), and the arms run those fixed
@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Callable
 
 from mleps.errors import UserError
+from mleps.rundir import read_events
+from mleps_lab.runs import ROOT, shown, training_step_s, write_json_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The model that trains in seconds (tests/conftest.py's TINY_MODEL).
 TINY_MODEL = ["model.vocab_size=300", "model.d_model=32", "model.layers=1", "model.heads=2",
@@ -227,7 +228,7 @@ PAPER = """\
   arms     MGS / MRT / PG fine-tuning as in Welleck & Cho (2021): K = 4 perturbations,
            beta = 100 (trainer.temperature=0.01), ~5,000 fine-tuning steps, MLE continued for the
            same wall time, 3 seeds; test on tst2014, beam 4 (and greedy)
-Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps/reproduce.py)."""
+Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps_lab/reproduce.py)."""
 PAPER_COMPLETION = """\
 `completion --budget paper` (documented, not run on this machine; needs a GPU and the internet):
   data     WikiText-103: python scripts/export_wikitext103.py, then data=wikitext103 (10-token
@@ -266,13 +267,6 @@ class Job:
         resume = self.run_dir is not None and (
             (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists())
         return [sys.executable, "-m", *self.argv, *(["resume=true"] if resume else [])]
-
-
-def shown(argv: list[str]) -> str:
-    """The command as a person would type it (relative to the repo root when it can)."""
-    def rel(s: str) -> str:
-        return s.replace(str(ROOT) + os.sep, "")
-    return "python -m " + " ".join(rel(a) for a in argv)
 
 
 class Runner:
@@ -320,25 +314,6 @@ class Runner:
         if not job.done:
             raise RunFailed(f"{job.name} exited 0 but wrote no {job.done_file}; see {job.log}")
         return job
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
-def training_step_s(event: dict) -> float:
-    """A training event's step time without the held-out diagnostic (trainer.diagnose_every), which is not training."""
-    return event["step_s"] - event.get("diagnose_s", 0.0)
-
-
-def read_events(run_dir: Path, split: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("split") == split and "event" not in e]
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -633,6 +608,6 @@ class Reproduction:
                 write_json_atomic(self.timings_file, seconds)
 
             self.runner.run_stage(name, jobs, on_done=record)
-        from mleps.reproduce_report import collect
+        from mleps_lab.reproduce_report import collect
 
         return collect(self, commands)

@@ -17,10 +17,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from mleps.reproduce import ROOT, read_events, training_step_s, write_json_atomic
+from mleps.rundir import read_events
+from mleps_lab.runs import ROOT, shown, training_step_s, write_json_atomic
 
 DIAGNOSTICS = ("ess", "guided_weight", "best_improvement", "loss_minus_perturbed_mean")
-# trainer.diagnose_every's held-out statistics (mleps/mgs_summary.py), reported where an arm logged them
+# trainer.diagnose_every's held-out statistics (mleps_lab/mgs_summary.py), reported where an arm logged them
 HELD_OUT = {"rank_corr": "diag_rank_correlation", "taken_minus_blind": "diag_taken_minus_blind"}
 ALPHA = 0.05  # significance level of the verdict
 
@@ -132,7 +133,6 @@ def recorded_command(run_dir: Path) -> str:
     """The overrides Hydra saved for the run's last invocation."""
     from omegaconf import OmegaConf
 
-    from mleps.reproduce import shown
 
     path = run_dir / ".hydra" / "overrides.yaml"
     return shown(["mleps.train", *OmegaConf.load(path)]) if path.is_file() else "(unknown)"

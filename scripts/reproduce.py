@@ -6,7 +6,7 @@
     python scripts/reproduce.py scratch                 # MLE, PG and MGS from random weights
 
 Killed, it resumes at the first unfinished run when called again with the same arguments.
-Stages and design: mleps/reproduce.py. Writes docs/results.md (mt; other tasks
+Stages and design: mleps_lab/reproduce.py. Writes docs/results.md (mt; other tasks
 docs/results-<task>.md), plots in docs/img/ and the numbers in docs/results/<task>.json + .csv.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mleps.errors import UserError, exit_on_user_error  # noqa: E402
-from mleps.reproduce import PAPER, PAPERS, TASKS, Reproduction  # noqa: E402
+from mleps_lab.reproduce import PAPER, PAPERS, TASKS, Reproduction  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
                          progress=not args.no_progress, extra_arms=extra)
     results = repro.run()
-    from mleps.reproduce_report import write_report
+    from mleps_lab.reproduce_report import write_report
 
     command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     written = write_report(results, md, Path(args.img_dir), json_path, command)

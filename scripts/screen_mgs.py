@@ -12,7 +12,7 @@ the start, every --eval-every steps and at the end, and the weights' diagnostic
 Anything after `--` is passed to every run (e.g. trainer.batch_size=32).
 
 Writes DIR/<lever>-seed<S>/ (each run), DIR/screen.json and DIR/screen.md, and prints the
-table: the mleps/mgs_summary.py columns averaged over seeds, plus Δ vs blind (final and best
+table: the mleps_lab/mgs_summary.py columns averaged over seeds, plus Δ vs blind (final and best
 score minus blind's, same seeds).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mleps.mgs_summary import COLUMNS, markdown_table, read_events, summarise  # noqa: E402
+from mleps_lab.mgs_summary import COLUMNS, markdown_table, read_events, summarise  # noqa: E402
 
 LEVERS = {
     "default": [],
