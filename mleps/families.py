@@ -182,3 +182,32 @@ class CausalFamily(Family):
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                     "prompt_labels": input_ids.masked_fill(~scored, -100)}
         return collate
+
+
+# -- scoring output rows (the rules' log-probabilities, the lm task loss's NLL)
+def label_mask(labels: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """True for labels up to and including the first EOS of their row; what follows is padding."""
+    is_eos = torch.isin(labels, torch.tensor(eos, device=labels.device)).long()
+    eos_before = is_eos.cumsum(1) - is_eos  # EOS count strictly before each position
+    return eos_before == 0
+
+
+def sequence_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torch.Tensor, eos: list[int],
+                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y|x) summed over each row's tokens through EOS, and the token counts.
+
+    Row n of `ids` (decoder start first) is an output for source `source_index[n]`; `lengths`
+    (from pad_rows) bounds rows padded after no EOS, as when max_new_tokens cut a sample off.
+    One teacher-forced pass for all rows; sources are repeated rather than encoded once, so
+    the call goes through the (possibly DDP-wrapped) model like any forward.
+    """
+    labels = ids[:, 1:]
+    mask = label_mask(labels, eos)
+    if lengths is not None:
+        mask &= torch.arange(labels.shape[1], device=ids.device) < (lengths - 1).unsqueeze(1)
+    inputs = {k: batch[k][source_index] for k in ("input_ids", "attention_mask")}
+    logits = family_for(model).logits(model, inputs, ids)
+    # cross_entropy with ignore_index leaves 0 at padding and never builds a full log-softmax copy.
+    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
+                                ignore_index=-100, reduction="none")
+    return -token_nll.view_as(labels).sum(1), mask.sum(1)

@@ -55,9 +55,9 @@ def _set_on_command_line(key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@exit_on_user_error
-def train(cfg) -> None:
+def run(cfg, callbacks=()) -> dict:
+    """One training run from a composed config in Hydra's run dir: the CLI's body (mleps_lab.train calls
+    it with its callbacks). Prints the summary table and writes summary.json on the main process."""
     from mleps.loop import Loop
     from mleps.plotting import plot_run
 
@@ -70,7 +70,7 @@ def train(cfg) -> None:
                  "pass it explicitly to have one)", cfg.init_from, cfg.trainer.warm_start_steps)
         cfg.trainer.warm_start_steps = 0
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    loop = Loop(cfg, run_dir)
+    loop = Loop(cfg, run_dir, callbacks)
     loop.setup()
     summary = loop.train()
     if loop.is_main:
@@ -83,9 +83,17 @@ def train(cfg) -> None:
         tmp = run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(run_dir / "summary.json")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@exit_on_user_error
+def train(cfg) -> None:
+    run(cfg)
 
 
 def main() -> None:
+    register_configs()  # again: a process may have registered other schemas since the import (mleps_lab.train)
     run_hydra(train)
 
 

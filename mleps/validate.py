@@ -83,12 +83,6 @@ def validate_train_config(cfg, phases) -> None:
     check_known_keys(cfg)
     main = cfg.trainer
     check_trainer(main)
-    if main.get("diagnose_every") and not cfg.data.validation_file:
-        raise UserError("trainer.diagnose_every scores a held-out slice of the validation set: "
-                        "it needs data.validation_file (or set trainer.diagnose_every=null)")
-    if main.get("oracle_rows") is not None and not cfg.data.validation_file:
-        raise UserError("trainer.oracle_rows weighs the samples on validation rows: "
-                        "it needs data.validation_file (or set trainer.oracle_rows=null)")
     for phase in phases:
         if phase.name != "main":
             check_trainer(phase.trainer, warm_start=True)

@@ -1,6 +1,6 @@
 """The paper's comparison in one resumable command: python scripts/reproduce.py mt|summarization|scratch
 
-Stages, each a list of subprocesses (`python -m mleps.train ...` / `python -m mleps.evaluate ...`,
+Stages, each a list of subprocesses (`python -m mleps_lab.train ...` (mleps.train with the lab probes) / `python -m mleps.evaluate ...`,
 one log file each, `progress=false`):
 
   base         MLE to its validation optimum (early stopping), or --base PATH
@@ -376,7 +376,7 @@ class Reproduction:
         return self.given_base or best_checkpoint(self.base_dir)
 
     def train_job(self, name: str, run_dir: Path, overrides: list[str]) -> Job:
-        argv = ["mleps.train", *overrides, "progress=false", f"output_dir={run_dir}"]
+        argv = ["mleps_lab.train", *overrides, "progress=false", f"output_dir={run_dir}"]  # the library CLI + probes
         return Job(name, argv, run_dir / "summary.json", self.out / "logs" / f"{name.replace('/', '_')}.log",
                    run_dir=run_dir)
 
