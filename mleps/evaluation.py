@@ -17,7 +17,8 @@ from mleps.families import family_for
 
 
 def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, **decode_kwargs):
-    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split."""
+    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split;
+    `decode_kwargs` are mleps.decoding.decode_sources's (source_prefix, max_source_length, columns, ...)."""
     hyps = [""] * len(sources)
     stats = [np.zeros(m.num_stats) for m in metrics]
     for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, references=references, **decode_kwargs):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
-from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, load_split, tokenize
+from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, extra_columns, load_split, tokenize
 from mleps.decoding import decoded_batch, eos_ids
 from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
 from mleps.families import family_for
@@ -40,7 +40,7 @@ from mleps.metrics_config import eval_metrics_from_config, metric_from_config
 from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
 from mleps import distributed
 from mleps.schedules import build_scheduler
-from mleps.task_loss import require_sentence_form
+from mleps.task_loss import at_level, require_sentence_form
 from mleps.trainers import rule_class
 from mleps.trainers.base import Shard, label_tokens
 from mleps.trainers.mle import MLEConfig
@@ -157,11 +157,20 @@ class Interrupt:
 
 
 class Loop:
-    def __init__(self, cfg, run_dir: Path, callbacks=()):
+    """cfg: a composed TrainConfig (mleps.train's CLI, or mleps.api). The keyword inputs replace what the
+    config would load (mleps.api hands over Python objects): `model` + `tokenizer` for model.* / init_from,
+    `datasets` ({"train": ..., "validation": ...}, HF Datasets in the data files' columns) for
+    data.*_file, and `task_loss` (a TaskLoss) for metric.*."""
+
+    def __init__(self, cfg, run_dir: Path, callbacks=(), *, model=None, tokenizer=None, datasets=None,
+                 task_loss=None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.callbacks = list(callbacks)
+        self.given_model = (model, tokenizer) if model is not None else None
+        self.given_datasets = dict(datasets or {})
+        self.given_loss = task_loss
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
@@ -188,21 +197,29 @@ class Loop:
             logging.getLogger("mleps").setLevel(logging.WARNING)
         set_seed(cfg.seed)
         # Every task loss is built (and checked) before any data, model or training.
-        self.metric = metric_from_config(cfg.metric)
-        self.eval_metric = metric_from_config(cfg.metric, level="corpus")
+        if self.given_loss is not None:
+            self.metric, self.eval_metric = self.given_loss, at_level(self.given_loss, "corpus")
+        else:
+            self.metric = metric_from_config(cfg.metric)
+            self.eval_metric = metric_from_config(cfg.metric, level="corpus")
         self.secondary_metrics = eval_metrics_from_config(cfg.metric, cfg.eval.metrics)
         if rule_class(cfg.trainer.name).needs_sentence_loss:
             require_sentence_form(self.metric, cfg.trainer.name)
 
-        train_ds = load_split(cfg.data, "train")
-        self.val_ds = load_split(cfg.data, "validation") if cfg.data.validation_file else None
+        train_ds = load_split(cfg.data, "train", self.given_datasets.get("train"))
+        given_val = self.given_datasets.get("validation")
+        self.val_ds = (load_split(cfg.data, "validation", given_val)
+                       if given_val is not None or cfg.data.validation_file else None)
         if self.val_ds is None:
             log.warning("no data.validation_file: no evaluations, so no checkpoints/best and no early stopping; "
                         "the result is checkpoints/last")
         # None: a new run (or one stopped before its first save)
         self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
                                                               lambda: rundir.check_run_dir(cfg, self.run_dir))
-        if self.resume_from is not None:  # the run's own last checkpoint replaces model.* / init_from
+        if self.resume_from is None and self.given_model is not None:  # mleps.api: the caller's own model
+            model, tokenizer = self.given_model
+            self.source_prefix = cfg.model.source_prefix
+        elif self.resume_from is not None:  # the run's own last checkpoint replaces model.* / init_from
             model, tokenizer, meta = load_checkpoint(str(self.resume_from), trust_remote_code=cfg.model.trust_remote_code)
             self.source_prefix = meta.get("source_prefix", "")
         else:
@@ -285,7 +302,8 @@ class Loop:
                                        self.val_ds["references"][rank::world], self.cfg.decode, metrics,
                                        source_prefix=self.source_prefix,
                                        max_source_length=self.cfg.data.max_source_length,
-                                       progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
+                                       progress=self.cfg.progress and self.is_main, desc=f"validate@{step}",
+                                       columns={c: self.val_ds[c][rank::world] for c in extra_columns(self.val_ds)})
         shard = self.val_tokenized.select(range(rank, len(self.val_tokenized), world))
         cross_entropy = reference_cross_entropy(model, shard, self.collate, self.cfg.decode.batch_size)
         reduced = distributed.sum_array(self.accelerator, np.concatenate([*stats, cross_entropy]))

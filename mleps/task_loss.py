@@ -35,6 +35,7 @@ config's values of them (override it when the constructor's names differ from th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
@@ -139,6 +140,14 @@ class TaskLoss:
     def loss(self, decoded) -> float:
         return self.loss_from_stats(self.stats(decoded))
 
+    def at_level(self, level: str) -> "TaskLoss":
+        """A copy of this loss pooled at `level` (model-based state, such as a bound score model, is shared)."""
+        if level not in LEVELS:
+            raise ValueError(f"unknown metric level {level!r}; choose one of: {', '.join(LEVELS)}")
+        other = copy.copy(self)
+        other.level = level
+        return other
+
     def bind(self, model, tokenizer) -> None:
         """Called once with the run's model before training (model-based losses keep what they need)."""
 
@@ -152,6 +161,12 @@ def require_sentence_form(loss: TaskLoss, rule: str) -> None:
         raise UserError(f"trainer={rule} needs a per-output (sentence) loss, and metric={loss.name} only has a "
                         f"corpus form: choose another metric.name, or trainer=mgs, which optimises corpus losses")
 
+
+
+
+def at_level(loss: TaskLoss, level: str) -> TaskLoss:
+    """The same loss pooled at `level` (validation reports the corpus form of the training loss)."""
+    return loss.at_level(level)
 
 def _mean(stats) -> float:
     return float(stats[0] / stats[1]) if stats[1] else 0.0

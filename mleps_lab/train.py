@@ -9,7 +9,7 @@ import hydra
 
 from mleps.config import register_configs
 from mleps.errors import exit_on_user_error, run_hydra
-from mleps.train import run  # noqa: I001  (also registers the run_dir resolver)
+from mleps.train import run_from_command_line  # noqa: I001  (also registers the run_dir resolver)
 from mleps_lab.probes import MGSProbes, register_probe_configs
 
 
@@ -25,7 +25,7 @@ register_lab_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_user_error
 def train(cfg) -> None:
-    run(cfg, callbacks=[MGSProbes()])
+    run_from_command_line(cfg, callbacks=[MGSProbes()])
 
 
 def main() -> None:

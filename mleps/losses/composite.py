@@ -72,6 +72,11 @@ class Composite(TaskLoss):
         per_component = [c.sentence_losses(decoded) for c in self.components]
         return [sum(w * x for w, x in zip(self.weights, row)) for row in zip(*per_component)]
 
+    def at_level(self, level: str) -> "Composite":
+        other = super().at_level(level)
+        other.components = [c.at_level(level) for c in self.components]
+        return other
+
     def bind(self, model, tokenizer) -> None:
         for c in self.components:
             c.bind(model, tokenizer)
