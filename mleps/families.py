@@ -1,7 +1,8 @@
 """Model families: everything that differs between encoder-decoder and decoder-only models.
 
 The trainers, the loop, the task losses and evaluation call a family through four verbs and
-never ask which family they hold:
+never ask which family they hold (a new family is one `Family` subclass with `@register_family`;
+a new `model=<name>` option is one `@register_model` build function in mleps.models):
 
   collate(rows)                     token-id rows -> a padded training batch
   generate(model, inputs, ...)      output rows in the one format the rest of mleps reads:
@@ -36,8 +37,22 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+FAMILIES: list["Family"] = []  # tried in order by family_for; filled by register_family
+
+
+def register_family(cls: type["Family"]) -> type["Family"]:
+    """Class decorator: an adapter for the models its `handles` accepts. A family registered later is
+    tried first, so a specific adapter (one architecture) can stand before a generic one."""
+    FAMILIES.insert(0, cls())
+    return cls
+
+
 def family_for(model) -> "Family":
-    return Seq2SeqFamily() if unwrap(model).config.is_encoder_decoder else CausalFamily()
+    inner = unwrap(model)
+    for family in FAMILIES:
+        if family.handles(inner):
+            return family
+    raise TypeError(f"no model family handles {type(inner).__name__} (mleps.families.register_family)")
 
 
 def pad_id(model) -> int:
@@ -69,6 +84,10 @@ class Family:
     name: str
     padding_side: str  # of sources / prompts
 
+    def handles(self, model) -> bool:
+        """Whether this adapter serves `model` (unwrapped)."""
+        raise NotImplementedError
+
     def generate(self, model, inputs: dict, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -98,8 +117,12 @@ class Family:
                          padding_side=self.padding_side)
 
 
+@register_family
 class Seq2SeqFamily(Family):
     name, padding_side = SEQ2SEQ, "right"
+
+    def handles(self, model) -> bool:
+        return bool(model.config.is_encoder_decoder)
 
     def start_id(self, model) -> int:
         return unwrap(model).config.decoder_start_token_id
@@ -129,8 +152,12 @@ class Seq2SeqFamily(Family):
         return collate
 
 
+@register_family
 class CausalFamily(Family):
     name, padding_side = CAUSAL, "left"
+
+    def handles(self, model) -> bool:
+        return not model.config.is_encoder_decoder
 
     def start_id(self, model) -> int:
         return pad_id(model)
