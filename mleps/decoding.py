@@ -2,12 +2,18 @@
 and `DecodedBatch`, the one input every task loss (mleps.task_loss) receives."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from mleps.families import family_for
+
+
+# Observers of every generate call, (output rows, seconds) -> None: instrumentation (scripts/bench_step.py
+# counts the generated tokens), never part of a run. Timed only while one is installed.
+GENERATE_OBSERVERS: list = []
 
 
 def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
@@ -18,9 +24,12 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     model.eval()
     kwargs = dict(do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                   num_beams=num_beams, length_penalty=length_penalty, temperature=temperature)
+    t0 = time.perf_counter() if GENERATE_OBSERVERS else 0.0
     with torch.no_grad():
         out = family_for(model).generate(model, batch, **kwargs)
     model.train(was_training)
+    for observe in GENERATE_OBSERVERS:
+        observe(out, time.perf_counter() - t0)
     return out
 
 
