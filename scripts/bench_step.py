@@ -206,24 +206,32 @@ def warm_model(size: str, args, tokenizer, train_ds, collate, device, log):
         model.load_state_dict(torch.load(path, map_location="cpu"))
         log(f"[{size}] warm model: {path}")
         return model.to(device)
+    from accelerate import Accelerator
+
+    from mleps.schedules import build_scheduler
+    from mleps.trainers import build_rule
+    from mleps.trainers.mle import MLEConfig
+
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    # the library's MLE step and schedule: lr 1e-3, 50 warm-up steps then constant, label smoothing 0.1
+    warm = OmegaConf.structured(MLEConfig(lr=1e-3, schedule="constant", warmup_steps=50, label_smoothing=0.1,
+                                          max_steps=args.warm_steps))
+    rule = build_rule("mle", cfg=warm, model=model, tokenizer=tokenizer, metric=None,
+                      accelerator=Accelerator(cpu=device.type == "cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=warm.lr, betas=tuple(warm.betas))
+    sched = build_scheduler(opt, warm)
     stream = BatchStream(train_ds, WARM_BATCH, seed=1234)
-    from mleps.trainers.base import token_cross_entropy
 
     t0 = time.perf_counter()
     for step in range(args.warm_steps):
         batch = to_device(collate(train_ds[stream.indices(step)]), device)
         opt.zero_grad(set_to_none=True)
-        loss_sum, tokens = token_cross_entropy(model, batch, 0.1)
-        loss = loss_sum / tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        stats = rule.step(batch, step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), warm.max_grad_norm)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == args.warm_steps - 1:
-            log(f"[{size}] warm-up MLE step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"[{size}] warm-up MLE step {step}: loss {stats['loss']:.3f} ({time.perf_counter() - t0:.0f} s)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)

@@ -23,7 +23,7 @@ from mleps.decoding import decoded_batch
 from mleps.errors import UserError
 from mleps.trainers.base import Shard, register_rule
 from mleps.trainers.sequences import (SequenceSamplingConfig, SequenceSamplingRule,
-                                      distinct_per_source, eos_ids, pad_rows, sample, sequence_log_probs, trim)
+                                      distinct_per_source, pad_rows, sample, sequence_log_probs, trim)
 
 
 def candidate_sets(samples: list[tuple[int, ...]], references: list[tuple[int, ...]] | None,
@@ -62,7 +62,6 @@ class MinimumRiskTraining(SequenceSamplingRule):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.eos = eos_ids(self.unwrapped)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos[0]
 

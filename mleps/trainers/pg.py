@@ -24,7 +24,7 @@ from mleps.decoding import decoded_batch, generate
 from mleps.errors import UserError
 from mleps.trainers.base import Shard, register_rule
 from mleps.trainers.sequences import (SequenceSamplingConfig, SequenceSamplingRule,
-                                      distinct_per_source, eos_ids, sample, sequence_log_probs, trim)
+                                      distinct_per_source, sample, sequence_log_probs, trim)
 
 BASELINES = ("loo", "greedy", "none")
 
@@ -57,10 +57,6 @@ class PGConfig(SequenceSamplingConfig):
 @register_rule
 class PolicyGradient(SequenceSamplingRule):
     name, schema = "pg", PGConfig
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.eos = eos_ids(self.unwrapped)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mleps.decoding import eos_ids, generate  # noqa: F401  (eos_ids: imported from here by the rules)
+from mleps.decoding import eos_ids, generate
 from mleps.errors import UserError
 from mleps.families import label_mask, sequence_log_probs  # noqa: F401  (imported from here by the rules)
 from mleps.trainers.base import Shard, TrainerConfig, UpdateRule, token_cross_entropy
@@ -34,6 +34,10 @@ class SequenceSamplingRule(UpdateRule):
     """What pg and mrt share: a per-output task loss, and the MLE mix in their objective."""
 
     needs_sentence_loss = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.eos = eos_ids(self.unwrapped)
 
     @classmethod
     def check_config(cls, cfg) -> None:
