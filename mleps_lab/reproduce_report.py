@@ -130,12 +130,11 @@ def run_row(run_dir: Path, higher_is_better: bool = True) -> dict:
 
 
 def recorded_command(run_dir: Path) -> str:
-    """The overrides Hydra saved for the run's last invocation."""
+    """The overrides Hydra saved for the run's last invocation (the driver trains with mleps_lab.train)."""
     from omegaconf import OmegaConf
 
-
     path = run_dir / ".hydra" / "overrides.yaml"
-    return shown(["mleps.train", *OmegaConf.load(path)]) if path.is_file() else "(unknown)"
+    return shown(["mleps_lab.train", *OmegaConf.load(path)]) if path.is_file() else "(unknown)"
 
 
 def _config(run_dir: Path) -> dict:
