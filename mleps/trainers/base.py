@@ -29,6 +29,9 @@ from mleps.task_loss import require_sentence_form
 
 @dataclass
 class TrainerConfig:
+    """The trainer section every rule shares (steps, batch layout, optimizer, schedule, logging, the warm
+    start); each rule's schema extends it with its own knobs, beside its step."""
+
     name: str = MISSING
     max_steps: int = 1000
     batch_size: int = 64  # per process and micro-batch: the global batch is batch_size x processes x accumulation
