@@ -48,11 +48,20 @@ def data_path(path: str) -> Path:
         return Path(path).absolute()
 
 
-def load_split(data_cfg, split: str) -> datasets.Dataset:
-    """Load, validate and normalise one split to columns source/target/references."""
-    file = getattr(data_cfg, f"{split}_file", None) if split in SPLITS else None
+# Columns the pipeline itself writes; any other column of a dataset handed to mleps.api travels with its
+# rows to the task losses (DecodedBatch.columns).
+OWN_COLUMNS = ("source", "target", "references", "input_ids", "labels", "truncated", "ends_document")
+
+
+def load_split(data_cfg, split: str, dataset: datasets.Dataset | None = None) -> datasets.Dataset:
+    """Load, validate and normalise one split to columns source/target/references. `dataset`: the rows
+    themselves instead of data.<split>_file (mleps.api), in the file's columns; a pairs task keeps their
+    other columns for the task losses."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    if dataset is not None:
+        return _normalise(dataset, data_cfg, split, Path(f"<{split} dataset>"), keep_columns=True)
+    file = getattr(data_cfg, f"{split}_file", None)
     if not file:
         raise UserError(f"data.{split}_file is not set for data={data_cfg.name}: set data.{split}_file=PATH")
     path = data_path(file)
@@ -72,9 +81,13 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
         raw = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several exception types
         raise UserError(f"could not parse {path} as {path.suffix[1:].upper()}: {str(e).splitlines()[0][:200]}") from None
+    return _normalise(raw, data_cfg, split, path)
+
+
+def _normalise(raw: datasets.Dataset, data_cfg, split: str, path: Path, keep_columns: bool = False):
     if len(raw) == 0:
         raise UserError(f"data file has no rows: {path}")
-    if completion:
+    if data_cfg.get("task", "pairs") == "completion":
         return _documents(raw, data_cfg, split, path)
 
     # Extra references are for evaluation; training splits need not have them (AESLC's train has none).
@@ -101,7 +114,9 @@ def load_split(data_cfg, split: str) -> datasets.Dataset:
             refs += [_text(v) for v in value] if isinstance(value, list) else [_text(value)]
         return {"source": source, "target": target, "references": [r for r in refs if r]}
 
-    ds = raw.map(normalise, remove_columns=raw.column_names, desc=f"normalise {split}")
+    # keep_columns: the caller's other columns stay beside source/target/references
+    dropped = [c for c in raw.column_names if not keep_columns or c in columns or c in OWN_COLUMNS]
+    ds = raw.map(normalise, remove_columns=dropped, desc=f"normalise {split}")
     # Training needs a target; evaluation needs at least one reference.
     keep = (lambda r: bool(r["source"]) and bool(r["target"])) if split == "train" else (
         lambda r: bool(r["source"]) and bool(r["references"]))
@@ -399,7 +414,27 @@ class Collator:
         batch = self.pad(rows)
         batch["sources"] = rows["source"]
         batch["references"] = rows["references"]
+        columns = Columns({k: v for k, v in rows.items() if k not in OWN_COLUMNS})
+        if columns:
+            batch["columns"] = columns
         return batch
+
+
+class Columns(dict):
+    """A batch's extra dataset columns, name -> one value per row. Indexing with a slice or a list of
+    rows cuts every column, so a batch's values all cut alike (`{k: v[:n] for k, v in batch.items()}`)."""
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return Columns({k: v[key] for k, v in self.items()})
+        if isinstance(key, (list, tuple)):
+            return Columns({k: [v[i] for i in key] for k, v in self.items()})
+        return super().__getitem__(key)
+
+
+def extra_columns(ds: datasets.Dataset) -> list[str]:
+    """The columns of a split beyond the pipeline's own (those a task loss may receive)."""
+    return [c for c in ds.column_names if c not in OWN_COLUMNS]
 
 
 def default_data_dir() -> str:

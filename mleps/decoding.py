@@ -2,12 +2,18 @@
 and `DecodedBatch`, the one input every task loss (mleps.task_loss) receives."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from mleps.families import family_for
+
+
+# Observers of every generate call, (output rows, seconds) -> None: instrumentation (scripts/bench_step.py
+# counts the generated tokens), never part of a run. Timed only while one is installed.
+GENERATE_OBSERVERS: list = []
 
 
 def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
@@ -18,9 +24,12 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     model.eval()
     kwargs = dict(do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                   num_beams=num_beams, length_penalty=length_penalty, temperature=temperature)
+    t0 = time.perf_counter() if GENERATE_OBSERVERS else 0.0
     with torch.no_grad():
         out = family_for(model).generate(model, batch, **kwargs)
     model.train(was_training)
+    for observe in GENERATE_OBSERVERS:
+        observe(out, time.perf_counter() - t0)
     return out
 
 
@@ -49,6 +58,7 @@ class DecodedBatch:
     ids             generate's rows as they came (start column first), for model-based losses
     encoder_inputs  input_ids / attention_mask, row n = the source (a decoder-only model's prompt) of
                     output n, for model-based losses (mleps.families: logits(model, encoder_inputs, ids))
+    columns         the dataset's other columns, name -> one value per output (mleps.api datasets)
     """
 
     texts: list[str]
@@ -58,6 +68,7 @@ class DecodedBatch:
     sources: list[str] | None = None
     ids: torch.Tensor | None = None
     encoder_inputs: dict | None = None
+    columns: dict | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -77,7 +88,8 @@ class DecodedBatch:
             references=pick(self.references), sources=pick(self.sources),
             ids=None if self.ids is None else self.ids[index.to(self.ids.device)],
             encoder_inputs=None if self.encoder_inputs is None else
-            {k: v[index.to(v.device)] for k, v in self.encoder_inputs.items()})
+            {k: v[index.to(v.device)] for k, v in self.encoder_inputs.items()},
+            columns=None if self.columns is None else {k: pick(v) for k, v in self.columns.items()})
 
 
 def decoded_batch(ids: torch.Tensor, tokenizer, eos: list[int], references, *, batch: dict | None = None,
@@ -101,19 +113,22 @@ def decoded_batch(ids: torch.Tensor, tokenizer, eos: list[int], references, *, b
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     if len(refs) != len(rows):
         raise ValueError(f"got {len(rows)} outputs but {len(refs)} reference lists; they must match")
-    sources, encoder_inputs = None, None
+    sources, encoder_inputs, columns = None, None, None
     if batch is not None:
         index = source_index if source_index is not None else torch.arange(len(rows), device=ids.device)
         encoder_inputs = {k: batch[k][index.to(batch[k].device)] for k in ("input_ids", "attention_mask") if k in batch}
         if batch.get("sources") is not None:
             sources = [batch["sources"][i] for i in index.tolist()]
+        if batch.get("columns"):
+            columns = {k: [v[i] for i in index.tolist()] for k, v in batch["columns"].items()}
     return DecodedBatch(texts=to_texts(tokenizer, ids), token_ids=token_ids, ended_with_eos=ended, references=refs,
-                        sources=sources, ids=ids, encoder_inputs=encoder_inputs)
+                        sources=sources, ids=ids, encoder_inputs=encoder_inputs, columns=columns)
 
 
 def decode_sources(model, tokenizer, sources: list[str], decode_cfg, *, references=None, source_prefix: str = "",
-                   max_source_length: int = 512, progress: bool = False, desc: str = "decode"):
-    """Yield (dataset indices, DecodedBatch) batch by batch. Sorting by length keeps padding (and time) low."""
+                   max_source_length: int = 512, progress: bool = False, desc: str = "decode", columns=None):
+    """Yield (dataset indices, DecodedBatch) batch by batch. Sorting by length keeps padding (and time) low.
+    `columns`: extra dataset columns (name -> one value per source) for the task losses."""
     device = next(model.parameters()).device
     eos = eos_ids(model)
     family = family_for(model)
@@ -127,6 +142,8 @@ def decode_sources(model, tokenizer, sources: list[str], decode_cfg, *, referenc
         refs = [references[i] for i in idx] if references is not None else [[] for _ in idx]
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                  "sources": [sources[i] for i in idx]}
+        if columns:
+            batch["columns"] = {k: [v[i] for i in idx] for k, v in columns.items()}
         yield idx, decoded_batch(out, tokenizer, eos, refs, batch=batch)
 
 

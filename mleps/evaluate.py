@@ -60,7 +60,7 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     from mleps.data import Collator, completion_pairs, data_path, load_split, tokenize
     from mleps.families import family_for
     from mleps.validate import check_family_options
-    from mleps.loop import decode_and_score, metric_report, reference_cross_entropy
+    from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
     from mleps.metrics_config import eval_metrics_from_config, metric_from_config
     from mleps.models import load_checkpoint
 

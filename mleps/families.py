@@ -1,7 +1,8 @@
 """Model families: everything that differs between encoder-decoder and decoder-only models.
 
 The trainers, the loop, the task losses and evaluation call a family through four verbs and
-never ask which family they hold:
+never ask which family they hold (a new family is one `Family` subclass with `@register_family`;
+a new `model=<name>` option is one `@register_model` build function in mleps.models):
 
   collate(rows)                     token-id rows -> a padded training batch
   generate(model, inputs, ...)      output rows in the one format the rest of mleps reads:
@@ -36,8 +37,22 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+FAMILIES: list["Family"] = []  # tried in order by family_for; filled by register_family
+
+
+def register_family(cls: type["Family"]) -> type["Family"]:
+    """Class decorator: an adapter for the models its `handles` accepts. A family registered later is
+    tried first, so a specific adapter (one architecture) can stand before a generic one."""
+    FAMILIES.insert(0, cls())
+    return cls
+
+
 def family_for(model) -> "Family":
-    return Seq2SeqFamily() if unwrap(model).config.is_encoder_decoder else CausalFamily()
+    inner = unwrap(model)
+    for family in FAMILIES:
+        if family.handles(inner):
+            return family
+    raise TypeError(f"no model family handles {type(inner).__name__} (mleps.families.register_family)")
 
 
 def pad_id(model) -> int:
@@ -69,6 +84,10 @@ class Family:
     name: str
     padding_side: str  # of sources / prompts
 
+    def handles(self, model) -> bool:
+        """Whether this adapter serves `model` (unwrapped)."""
+        raise NotImplementedError
+
     def generate(self, model, inputs: dict, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -98,8 +117,12 @@ class Family:
                          padding_side=self.padding_side)
 
 
+@register_family
 class Seq2SeqFamily(Family):
     name, padding_side = SEQ2SEQ, "right"
+
+    def handles(self, model) -> bool:
+        return bool(model.config.is_encoder_decoder)
 
     def start_id(self, model) -> int:
         return unwrap(model).config.decoder_start_token_id
@@ -129,8 +152,12 @@ class Seq2SeqFamily(Family):
         return collate
 
 
+@register_family
 class CausalFamily(Family):
     name, padding_side = CAUSAL, "left"
+
+    def handles(self, model) -> bool:
+        return not model.config.is_encoder_decoder
 
     def start_id(self, model) -> int:
         return pad_id(model)
@@ -182,3 +209,32 @@ class CausalFamily(Family):
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                     "prompt_labels": input_ids.masked_fill(~scored, -100)}
         return collate
+
+
+# -- scoring output rows (the rules' log-probabilities, the lm task loss's NLL)
+def label_mask(labels: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """True for labels up to and including the first EOS of their row; what follows is padding."""
+    is_eos = torch.isin(labels, torch.tensor(eos, device=labels.device)).long()
+    eos_before = is_eos.cumsum(1) - is_eos  # EOS count strictly before each position
+    return eos_before == 0
+
+
+def sequence_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torch.Tensor, eos: list[int],
+                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y|x) summed over each row's tokens through EOS, and the token counts.
+
+    Row n of `ids` (decoder start first) is an output for source `source_index[n]`; `lengths`
+    (from pad_rows) bounds rows padded after no EOS, as when max_new_tokens cut a sample off.
+    One teacher-forced pass for all rows; sources are repeated rather than encoded once, so
+    the call goes through the (possibly DDP-wrapped) model like any forward.
+    """
+    labels = ids[:, 1:]
+    mask = label_mask(labels, eos)
+    if lengths is not None:
+        mask &= torch.arange(labels.shape[1], device=ids.device) < (lengths - 1).unsqueeze(1)
+    inputs = {k: batch[k][source_index] for k in ("input_ids", "attention_mask")}
+    logits = family_for(model).logits(model, inputs, ids)
+    # cross_entropy with ignore_index leaves 0 at padding and never builds a full log-softmax copy.
+    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
+                                ignore_index=-100, reduction="none")
+    return -token_nll.view_as(labels).sum(1), mask.sum(1)

@@ -31,19 +31,20 @@ from tqdm.auto import tqdm
 
 from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
-from mleps.config import MLEConfig
-from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, load_split, tokenize
-from mleps.decoding import decode_sources, decoded_batch, eos_ids
+from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, extra_columns, load_split, tokenize
+from mleps.decoding import decoded_batch, eos_ids
+from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
 from mleps.families import family_for
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
-from mleps.losses import require_sentence_form
 from mleps.metrics_config import eval_metrics_from_config, metric_from_config
 from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
 from mleps import distributed
 from mleps.schedules import build_scheduler
-from mleps.trainers import build_rule
+from mleps.task_loss import at_level, require_sentence_form
+from mleps.trainers import rule_class
+from mleps.trainers.base import Shard, label_tokens
+from mleps.trainers.mle import MLEConfig
 from mleps.validate import check_family_options, validate_train_config
-from mleps.trainers.base import Shard, label_tokens, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,24 @@ def make_phases(trainer_cfg) -> list[Phase]:
     return phases
 
 
+class Callback:
+    """Hooks for code outside the library (mleps_lab installs its MGS probes with one); all optional.
+
+    check_config(cfg)        at start, beside mleps.validate: raise UserError for a bad value
+    on_setup(loop)           data, model and task losses are loaded; the run dir is not touched yet
+    probes(loop, phase)      per-step hooks handed to the phase's rule (UpdateRule.probes)
+    """
+
+    def check_config(self, cfg) -> None:
+        pass
+
+    def on_setup(self, loop: "Loop") -> None:
+        pass
+
+    def probes(self, loop: "Loop", phase: Phase) -> list:
+        return []
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per event) and, optionally, TensorBoard."""
 
@@ -137,66 +156,21 @@ class Interrupt:
         self.signum = signum
 
 
-def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, per_example: list | None = None,
-                     **decode_kwargs):
-    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split. With a
-    `per_example` list, it is filled with one dict per output in dataset order: generated tokens, whether
-    it ended with EOS, and each metric's loss of that output alone (metrics with a sentence form)."""
-    hyps = [""] * len(sources)
-    rows: list[dict | None] = [None] * len(sources)
-    stats = [np.zeros(m.num_stats) for m in metrics]
-    for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, references=references, **decode_kwargs):
-        for i, text in zip(idx, decoded.texts):
-            hyps[i] = text
-        stats = [total + m.stats(decoded) for total, m in zip(stats, metrics)]
-        if per_example is not None:
-            losses = {m.name: m.sentence_losses(decoded) for m in metrics if m.has_sentence_form}
-            for n, i in enumerate(idx):
-                rows[i] = {"tokens": decoded.lengths[n], "ended": decoded.ended_with_eos[n],
-                           **{name: values[n] for name, values in losses.items()}}
-    if per_example is not None:
-        per_example.extend(rows)
-    return hyps, stats
-
-
-def reference_cross_entropy(model, tokenized, collate, batch_size: int) -> np.ndarray:
-    """[token cross-entropy summed over the references, tokens] of a tokenized split (no dropout)."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(tokenized), batch_size):
-            batch = collate(tokenized[start:start + batch_size])
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            loss_sum, n = token_cross_entropy(model, batch)
-            total, tokens = total + float(loss_sum), tokens + n
-    model.train(was_training)
-    return np.array([total, float(tokens)])
-
-
-def metric_report(metrics, stats, hyps, references, cross_entropy_sum: float, tokens: float) -> dict:
-    """The primary metric (its library's details for a text metric), its loss, the secondary metrics'
-    scores and the references' cross-entropy / perplexity."""
-    primary = metrics[0]
-    if hasattr(primary, "corpus_score"):  # BLEU's signature, bp, ... from the gathered texts
-        result = primary.corpus_score(hyps, references)
-    else:
-        result = {"score": primary.score_from_stats(stats[0])}
-        if hasattr(primary, "parts"):  # a composite: each component's loss
-            result.update({c.name: x for c, x in zip(primary.components, primary.parts(stats[0]))})
-    result["loss"] = primary.loss_from_stats(stats[0])
-    for m, s in zip(metrics[1:], stats[1:]):
-        result[m.name] = m.score_from_stats(s)
-    cross_entropy = cross_entropy_sum / tokens if tokens else float("nan")
-    result.update(cross_entropy=cross_entropy, perplexity=math.exp(min(cross_entropy, 700)))
-    return result
-
-
 class Loop:
-    def __init__(self, cfg, run_dir: Path):
+    """cfg: a composed TrainConfig (mleps.train's CLI, or mleps.api). The keyword inputs replace what the
+    config would load (mleps.api hands over Python objects): `model` + `tokenizer` for model.* / init_from,
+    `datasets` ({"train": ..., "validation": ...}, HF Datasets in the data files' columns) for
+    data.*_file, and `task_loss` (a TaskLoss) for metric.*."""
+
+    def __init__(self, cfg, run_dir: Path, callbacks=(), *, model=None, tokenizer=None, datasets=None,
+                 task_loss=None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
+        self.callbacks = list(callbacks)
+        self.given_model = (model, tokenizer) if model is not None else None
+        self.given_datasets = dict(datasets or {})
+        self.given_loss = task_loss
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
@@ -204,6 +178,8 @@ class Loop:
         # Every input is checked and loaded before the run dir is touched: a bad one never costs a run.
         self.phases = make_phases(cfg.trainer)
         validate_train_config(cfg, self.phases)
+        for callback in self.callbacks:
+            callback.check_config(cfg)
         self.interrupt = Interrupt()  # from here on, SIGTERM/SIGINT stop at a step boundary
         # A rank stuck in a collective (another one crashed or took a different branch) fails after
         # collective_timeout_s instead of hanging the job.
@@ -221,21 +197,29 @@ class Loop:
             logging.getLogger("mleps").setLevel(logging.WARNING)
         set_seed(cfg.seed)
         # Every task loss is built (and checked) before any data, model or training.
-        self.metric = metric_from_config(cfg.metric)
-        self.eval_metric = metric_from_config(cfg.metric, level="corpus")
+        if self.given_loss is not None:
+            self.metric, self.eval_metric = self.given_loss, at_level(self.given_loss, "corpus")
+        else:
+            self.metric = metric_from_config(cfg.metric)
+            self.eval_metric = metric_from_config(cfg.metric, level="corpus")
         self.secondary_metrics = eval_metrics_from_config(cfg.metric, cfg.eval.metrics)
-        if cfg.trainer.name in ("pg", "mrt"):
+        if rule_class(cfg.trainer.name).needs_sentence_loss:
             require_sentence_form(self.metric, cfg.trainer.name)
 
-        train_ds = load_split(cfg.data, "train")
-        self.val_ds = load_split(cfg.data, "validation") if cfg.data.validation_file else None
+        train_ds = load_split(cfg.data, "train", self.given_datasets.get("train"))
+        given_val = self.given_datasets.get("validation")
+        self.val_ds = (load_split(cfg.data, "validation", given_val)
+                       if given_val is not None or cfg.data.validation_file else None)
         if self.val_ds is None:
             log.warning("no data.validation_file: no evaluations, so no checkpoints/best and no early stopping; "
                         "the result is checkpoints/last")
         # None: a new run (or one stopped before its first save)
         self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
                                                               lambda: rundir.check_run_dir(cfg, self.run_dir))
-        if self.resume_from is not None:  # the run's own last checkpoint replaces model.* / init_from
+        if self.resume_from is None and self.given_model is not None:  # mleps.api: the caller's own model
+            model, tokenizer = self.given_model
+            self.source_prefix = cfg.model.source_prefix
+        elif self.resume_from is not None:  # the run's own last checkpoint replaces model.* / init_from
             model, tokenizer, meta = load_checkpoint(str(self.resume_from), trust_remote_code=cfg.model.trust_remote_code)
             self.source_prefix = meta.get("source_prefix", "")
         else:
@@ -252,9 +236,9 @@ class Loop:
         self.val_tokenized = (tokenize(self.val_ds, tokenizer, cfg.data, self.source_prefix)
                               if self.val_ds is not None else None)  # for the references' cross-entropy
         self.collate = Collator(tokenizer, model, cfg.data.loss_on)
-        oracle_rows = cfg.trainer.get("oracle_rows")
-        self.oracle_tokenized = self._oracle_rows(oracle_rows) if oracle_rows is not None else None
         self._check_task_losses()  # before the run dir is touched
+        for callback in self.callbacks:
+            callback.on_setup(self)
         # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
         distributed.on_main_then_broadcast(self.accelerator,
                                            lambda: rundir.prepare_run_dir(cfg, self.run_dir, self.resume_from))
@@ -290,35 +274,17 @@ class Loop:
                                       fused=_fused_adamw_supported(self.accelerator.device) or None)
         scheduler = build_scheduler(optimizer, tcfg)
         model, optimizer = self.accelerator.prepare(self.model, optimizer)
-        rule = build_rule(tcfg.name, cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
-                          accelerator=self.accelerator, seed=self.cfg.seed)
-        rule.optimizer = optimizer  # rules that centre proposals on the optimizer's next step read it
-        if tcfg.get("diagnose_every") and self.val_tokenized is not None:  # MGS's held-out diagnostic batch
-            rule.diagnostic_batch = self._on_device(self.collate(self.val_tokenized[:tcfg.diagnose_examples]))
-        if tcfg.get("oracle_rows") is not None:  # MGS weighted on held-out rows (a measurement)
-            rule.oracle_batch = self._on_device(self.collate(self.oracle_tokenized[:]))
+        rule_cls = rule_class(tcfg.name)
+        rule = rule_cls(cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
+                        accelerator=self.accelerator, seed=self.cfg.seed,
+                        optimizer=optimizer if rule_cls.needs_optimizer else None,
+                        probes=[p for callback in self.callbacks for p in callback.probes(self, phase)])
         stream = batch_stream(self.train_ds, tcfg, rule.rows_per_micro_batch, self.cfg.seed,
                               self.accelerator.process_index, self.accelerator.num_processes)
         return model, optimizer, scheduler, rule, stream
 
-    def _on_device(self, rows: dict) -> dict:
+    def on_device(self, rows: dict) -> dict:
         return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in rows.items()}
-
-    def _oracle_rows(self, rows):
-        """trainer.oracle_rows: validation rows [start, stop), tokenized, none of them among the rows that
-        select checkpoints (the first data.max_eval_examples)."""
-        start, stop = rows
-        selecting = len(self.val_ds)
-        if start < selecting:
-            raise UserError(f"trainer.oracle_rows={list(rows)} overlaps the {selecting} validation rows that select "
-                            f"checkpoints: start at {selecting} or later, or lower data.max_eval_examples to {start}")
-        whole = load_split(OmegaConf.merge(self.cfg.data, {"max_eval_examples": None}), "validation")
-        if self.cfg.data.task == "completion":
-            whole = completion_pairs(whole, self.tokenizer, self.cfg.data, "validation")
-        if stop > len(whole):
-            raise UserError(f"trainer.oracle_rows={list(rows)}: the validation set has {len(whole)} rows; "
-                            f"stop at {len(whole)} or fewer")
-        return tokenize(whole.select(range(start, stop)), self.tokenizer, self.cfg.data, self.source_prefix)
 
     # -- evaluation ----------------------------------------------------------
     def evaluate(self, step: int, phase: Phase) -> float | None:
@@ -336,7 +302,8 @@ class Loop:
                                        self.val_ds["references"][rank::world], self.cfg.decode, metrics,
                                        source_prefix=self.source_prefix,
                                        max_source_length=self.cfg.data.max_source_length,
-                                       progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
+                                       progress=self.cfg.progress and self.is_main, desc=f"validate@{step}",
+                                       columns={c: self.val_ds[c][rank::world] for c in extra_columns(self.val_ds)})
         shard = self.val_tokenized.select(range(rank, len(self.val_tokenized), world))
         cross_entropy = reference_cross_entropy(model, shard, self.collate, self.cfg.decode.batch_size)
         reduced = distributed.sum_array(self.accelerator, np.concatenate([*stats, cross_entropy]))

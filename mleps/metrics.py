@@ -13,12 +13,13 @@ data layout, guards the edge cases and keeps the scorer objects alive.
     metric = build_metric("bleu", level="corpus")
     metric.corpus_score(["the cat sat"], [["the cat sat", "a cat sat"]])
 
-Run ``python -m mleps.metrics`` for a timing of ``stats`` on 64 sentences.
+``python scripts/bench_metrics.py`` times ``stats`` on 64 sentences.
 """
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ from rouge_score import rouge_scorer
 from rouge_score import tokenizers as rouge_tokenizers
 from sacrebleu.metrics import BLEU, CHRF
 
-from mleps.task_loss import LEVELS, TaskLoss
+from mleps.task_loss import TaskLoss, register_task_loss
 
 METRIC_NAMES = ("bleu", "chrf", "rouge")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -96,11 +97,12 @@ class Metric(TaskLoss):
         """One smoothed 0..100 score per hypothesis."""
         return self._sentence_scores(*_prepare(hyps, refs))
 
-    def stats(self, hyps, refs: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-        """Additive sufficient statistics of ``score`` at this metric's level, of ``(hyps, refs)``
-        or of a DecodedBatch (the task-loss contract: its texts against its references)."""
-        if refs is None and hasattr(hyps, "texts"):
-            hyps, refs = hyps.texts, hyps.references
+    def stats(self, decoded) -> np.ndarray:
+        """The task-loss contract: the statistics of a DecodedBatch's texts against its references."""
+        return self.text_stats(decoded.texts, decoded.references)
+
+    def text_stats(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
+        """Additive sufficient statistics of ``score`` at this metric's level, of ``(hyps, refs)``."""
         hyps, refs = _prepare(hyps, refs)
         if self.level == "sentence":
             scores = self._sentence_scores(hyps, refs)
@@ -116,11 +118,11 @@ class Metric(TaskLoss):
 
     def score(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
         """Corpus score, or mean sentence score when ``level == "sentence"``."""
-        return self.score_from_stats(self.stats(hyps, refs))
+        return self.score_from_stats(self.text_stats(hyps, refs))
 
     def task_loss(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
         """``1 - score/100`` in [0, 1]; what the trainers minimise."""
-        return self.task_loss_from_stats(self.stats(hyps, refs))
+        return self.task_loss_from_stats(self.text_stats(hyps, refs))
 
     def task_loss_from_stats(self, stats: np.ndarray) -> float:
         """``task_loss`` from (summed) ``stats``: how processes that score shards agree on one loss."""
@@ -129,6 +131,10 @@ class Metric(TaskLoss):
 
     # The task-loss contract (mleps.task_loss).
     loss_from_stats = task_loss_from_stats
+
+    def report(self, stats, hyps, references) -> dict:
+        """The library's own corpus details (BLEU's signature, bp, ...) from the gathered texts."""
+        return self.corpus_score(hyps, references)
 
     def sentence_losses(self, decoded) -> list[float]:
         return [min(1.0, max(0.0, 1.0 - s / 100.0)) for s in self.sentence_scores(decoded.texts, decoded.references)]
@@ -200,6 +206,7 @@ class _SacreMetric(Metric):
         return _sacre_score_from_stats(self._corpus_obj, total.tolist()), str(self._corpus_obj.get_signature())
 
 
+@register_task_loss
 class BleuMetric(_SacreMetric):
     """sacreBLEU: 13a tokeniser, exp smoothing; sentence level uses effective order like ``sentence_bleu``."""
 
@@ -228,6 +235,7 @@ class BleuMetric(_SacreMetric):
         }
 
 
+@register_task_loss
 class ChrfMetric(_SacreMetric):
     """sacreBLEU chrF (char order 6, beta 2); character-based, so no tokenizer."""
 
@@ -306,12 +314,23 @@ def make_rouge_tokenizer(tokenizer=None, use_stemmer: bool = True):
     return _CachedTokenizer(inner)
 
 
+@dataclass
+class RougeOptions:
+    rouge_tokenizer: str = "default"  # rouge: default | whitespace | char (default drops non-Latin text)
+    rouge_key: str = "rougeL"  # rouge: rouge1 | rouge2 | rougeL, the score trained on and selected by
+
+
+@register_task_loss
 class RougeMetric(Metric):
     """rouge-score F1 (x100) with Porter stemming; best reference per ROUGE type;
     the corpus score is the mean of sentence scores of ``rouge_key``."""
 
-    name = "rouge"
+    name, options = "rouge", RougeOptions
     _n_stats = 2  # [sum of F1, count]
+
+    @classmethod
+    def from_options(cls, level: str, options: dict) -> "RougeMetric":
+        return cls(level, tokenizer=options.get("rouge_tokenizer"), rouge_key=options.get("rouge_key", "rougeL"))
 
     def __init__(self, level: str = "corpus", tokenizer=None, rouge_key: str = "rougeL", use_stemmer: bool = True):
         super().__init__(level)
@@ -364,37 +383,3 @@ def build_metric(name: str = "bleu", level: str = "corpus", tokenizer=None, **kw
     if key not in _METRICS:
         raise ValueError(f"unknown metric {name!r}; choose one of: {', '.join(METRIC_NAMES)}")
     return _METRICS[key](level=level, tokenizer=tokenizer, **kwargs)
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _benchmark(n: int = 64, repeats: int = 20) -> None:
-    """Print the time of ``stats`` for n synthetic sentence pairs (cold = first call, warm = repeated)."""
-    import random
-    import time
-
-    rng = random.Random(0)
-    vocab = [f"{w}{s}" for w in ("run", "walk", "house", "model", "train", "score", "word", "talk")
-             for s in ("", "s", "ing", "ed", "er")]
-
-    def sent() -> str:
-        return " ".join(rng.choice(vocab) for _ in range(rng.randint(15, 30))) + " ."
-
-    hyps = [sent() for _ in range(n)]
-    refs = [[sent()] for _ in range(n)]
-    for name in METRIC_NAMES:
-        for level in LEVELS:
-            m = build_metric(name, level)
-            t0 = time.perf_counter()
-            m.stats(hyps, refs)
-            cold = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                m.stats(hyps, refs)
-            warm = (time.perf_counter() - t0) / repeats
-            print(f"{name:5s} {level:8s} stats({n} sentences): cold {cold * 1e3:7.2f} ms  warm {warm * 1e3:7.2f} ms")
-
-
-if __name__ == "__main__":
-    _benchmark()

@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import (
@@ -30,8 +32,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from mleps.checks import _at_least, _divisor
 from mleps.data import data_path
 from mleps.errors import UserError
+from mleps.families import CAUSAL, SEQ2SEQ
 
 log = logging.getLogger(__name__)
 # save_pretrained/from_pretrained draw progress bars for a 25 MB model; the loop has its own.
@@ -41,7 +45,7 @@ TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: 
 # tiny_gpt2's: no prefix space and no </s> appended (a prompt must not end with EOS; the completion
 # builder appends it where a document ends)
 CAUSAL_TOKENIZER_RECIPE = "bytelevel-bpe-causal-v1"
-KINDS = ("auto", "causal", "seq2seq")
+KINDS = ("auto", CAUSAL, SEQ2SEQ)
 MLEPS_META = "mleps.json"  # beside a checkpoint's weights: source prefix and provenance
 
 
@@ -50,34 +54,107 @@ def cache_dir(cfg_cache_dir: str | None = None) -> Path:
     return Path(root)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """One `model=<name>` option: what builds (model, tokenizer) from the config (and the training split,
+    for a tokenizer trained on it), its model family when the option fixes it, and its start-up check."""
+
+    name: str
+    build: Callable  # (cfg, train_ds) -> (model, tokenizer)
+    family: str | None = None  # seq2seq | causal; None: read from the checkpoint (model.kind)
+    check: Callable = lambda cfg: None  # (cfg) -> None, raises UserError naming the key
+
+
+MODEL_SOURCES: dict[str, ModelSource] = {}
+
+
+def register_model(name: str, family: str | None = None, check: Callable | None = None):
+    """Decorator on a build function `(cfg, train_ds) -> (model, tokenizer)`: makes it `model=<name>`."""
+    def register(build):
+        MODEL_SOURCES[name] = ModelSource(name, build, family, check or (lambda cfg: None))
+        return build
+    return register
+
+
+def model_source(name: str) -> ModelSource:
+    if name not in MODEL_SOURCES:
+        raise UserError(f"unknown model '{name}': use model=tiny_marian, model=tiny_gpt2 or "
+                        f"model=hf model.name_or_path=NAME")
+    return MODEL_SOURCES[name]
+
+
 def load_model_and_tokenizer(cfg, train_ds=None):
     """(model, tokenizer, source_prefix) for cfg.model, or for cfg.init_from when set."""
     if cfg.init_from:
         model, tokenizer, meta = load_checkpoint(cfg.init_from, trust_remote_code=cfg.model.trust_remote_code)
         prefix = meta.get("source_prefix", cfg.model.source_prefix)
         return model, tokenizer, prefix
-    if cfg.model.name == "tiny_marian":
-        if train_ds is None:
-            raise ValueError("tiny_marian needs the training split to train its tokenizer")
-        tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir))
-        return tiny_marian(cfg.model, tokenizer), tokenizer, cfg.model.source_prefix
-    if cfg.model.name == "tiny_gpt2":
-        if train_ds is None:
-            raise ValueError("tiny_gpt2 needs the training split to train its tokenizer")
-        tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir), causal=True)
-        return tiny_gpt2(cfg.model, tokenizer), tokenizer, cfg.model.source_prefix
-    if cfg.model.name == "hf":
-        return (*from_pretrained(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.kind),
-                cfg.model.source_prefix)
-    raise UserError(f"unknown model '{cfg.model.name}': use model=tiny_marian, model=tiny_gpt2 or "
-                    f"model=hf model.name_or_path=NAME")
+    return (*model_source(cfg.model.name).build(cfg, train_ds), cfg.model.source_prefix)
+
+
+def _check_tiny(cfg) -> None:
+    """The tiny models' sizes."""
+    m = cfg.model
+    for key in ("vocab_size", "d_model", "layers", "heads", "ffn_dim"):
+        _at_least(m[key], 1, f"model.{key}")
+    if m.d_model % m.heads:
+        raise UserError(f"model.heads={m.heads} does not divide model.d_model={m.d_model}: "
+                        f"pick heads that divide it (e.g. {_divisor(m.d_model, m.heads)})")
+    if not 0 <= m.dropout < 1:
+        raise UserError(f"model.dropout={m.dropout}: use a number in [0, 1)")
+
+
+def _check_tiny_gpt2(cfg) -> None:
+    """The tiny sizes, and positions for the longest prompt and output."""
+    _check_tiny(cfg)
+    m, data, d = cfg.model, cfg.data, cfg.decode
+    _at_least(m.max_positions, 2, "model.max_positions")
+    reference = (data.continuation_tokens + 1 if data.get("sequences", "windows") == "windows" else
+                 (data.max_sequence_tokens or 0) - data.prefix_tokens + 1)
+    needed = max(data.max_source_length if data.task == "pairs" else data.prefix_tokens, 1) + max(
+        d.max_new_tokens, getattr(cfg.trainer, "max_new_tokens", 0) or 0, reference)
+    if needed > m.max_positions:
+        raise UserError(f"model.max_positions={m.max_positions} is shorter than a prompt and its output "
+                        f"({needed} tokens: data.prefix_tokens + the longest of decode.max_new_tokens, "
+                        f"trainer.max_new_tokens, data.continuation_tokens + 1): raise model.max_positions")
+
+
+def _check_hf(cfg) -> None:
+    m = cfg.model
+    if not m.name_or_path and not cfg.init_from:
+        raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
+    if m.kind not in KINDS:
+        raise UserError(f"model.kind={m.kind} is not one of: {', '.join(KINDS)}")
+
+
+@register_model("tiny_marian", family=SEQ2SEQ, check=_check_tiny)
+def _tiny_marian(cfg, train_ds):
+    if train_ds is None:
+        raise ValueError("tiny_marian needs the training split to train its tokenizer")
+    tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir))
+    return tiny_marian(cfg.model, tokenizer), tokenizer
+
+
+@register_model("tiny_gpt2", family=CAUSAL, check=_check_tiny_gpt2)
+def _tiny_gpt2(cfg, train_ds):
+    if train_ds is None:
+        raise ValueError("tiny_gpt2 needs the training split to train its tokenizer")
+    tokenizer = bpe_tokenizer(cfg.data, train_ds, cfg.model.vocab_size, cache_dir(cfg.cache_dir), causal=True)
+    return tiny_gpt2(cfg.model, tokenizer), tokenizer
+
+
+@register_model("hf", check=_check_hf)  # the family comes from the checkpoint's config (or model.kind)
+def _hub_model(cfg, train_ds):
+    return from_pretrained(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.kind)
 
 
 def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path, causal: bool = False) -> PreTrainedTokenizerFast:
     """A shared source+target byte-level BPE, trained once per (training data, vocab size, recipe).
     causal: GPT-2's habits, no prefix space and no </s> appended to an encoded text."""
     recipe = CAUSAL_TOKENIZER_RECIPE if causal else TOKENIZER_RECIPE
-    parts = [recipe, vocab_size, _file_digest(data_path(data_cfg.train_file)),
+    # a dataset handed over in Python (mleps.api) has no file: its fingerprint names its contents
+    digest = _file_digest(data_path(data_cfg.train_file)) if data_cfg.train_file else f"dataset-{train_ds._fingerprint}"
+    parts = [recipe, vocab_size, digest,
              data_cfg.source_column, data_cfg.target_column, data_cfg.max_train_examples]
     if data_cfg.get("task", "pairs") != "pairs":  # the documents' column, not the pairs' (old keys unchanged)
         parts += [data_cfg.task, data_cfg.text_column]

@@ -1,14 +1,9 @@
 """Validation metric against step and against training wall time, from metrics.jsonl."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_events(path: Path, split: str) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [e for e in map(json.loads, Path(path).read_text().splitlines()) if e.get("split") == split]
+from mleps.rundir import read_events
 
 
 def plot_run(metrics_file: Path, out: Path, runs: dict[str, Path] | None = None) -> Path | None:

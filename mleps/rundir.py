@@ -34,6 +34,18 @@ RESUMABLE = ("resume", "overwrite", "output_dir", "data_dir", "cache_dir", "cpu"
              "trainer.max_bad_steps", "trainer.warm_start_eval_every")
 
 
+def read_events(path, split: str | None = None) -> list[dict]:
+    """The events of a run's metrics.jsonl (`path`: the file or its run dir; none when it is missing).
+    With `split`: that split's logged steps and evaluations only, without marker events (early_stop)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return events if split is None else [e for e in events if e.get("split") == split and "event" not in e]
+
+
 def resume_path(resume) -> str | None:
     """The run dir named by resume=PATH, or None for resume=true/false."""
     if isinstance(resume, str) and resume.lower() not in ("true", "false", ""):

@@ -18,18 +18,83 @@ loss itself).
     loss = build_task_loss("repetition", n=4)          # mleps.losses
     stats = loss.stats(decoded_a) + loss.stats(decoded_b)
     loss.loss_from_stats(stats)
+
+Registering a loss (one module; `metric=<name>` then builds it, and its options become `metric.*` keys):
+
+    @dataclass
+    class MyOptions:
+        width: int = 3  # what it means (the help text of metric.width)
+
+    @register_task_loss
+    class MyLoss(TaskLoss):
+        name, options = "my_loss", MyOptions
+        def __init__(self, level="corpus", width=3): ...
+
+`options` is a dataclass of the loss's own knobs; `from_options` builds the loss from the metric
+config's values of them (override it when the constructor's names differ from the config's).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass
+
 import numpy as np
+
+from mleps.errors import UserError
 
 LEVELS = ("corpus", "sentence")
 
 
+@dataclass
+class NoOptions:
+    """A loss without knobs of its own."""
+
+
+TASK_LOSSES: dict[str, type["TaskLoss"]] = {}  # metric=<name> -> its class; filled by register_task_loss
+
+
+def register_task_loss(cls: type["TaskLoss"]) -> type["TaskLoss"]:
+    """Class decorator: `metric=<cls.name>` (and build_task_loss) builds `cls`. Options that another loss
+    also declares must agree in type and default: each is one `metric.*` key shared by all losses."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a name to be registered")
+    mine = {f.name: f for f in dataclasses.fields(cls.options)}
+    for other in TASK_LOSSES.values():
+        for f in dataclasses.fields(other.options):
+            if f.name in mine and (str(f.type), _default(f)) != (str(mine[f.name].type), _default(mine[f.name])):
+                raise TypeError(f"{cls.__name__}'s option {f.name} differs from {other.__name__}'s: one metric.{f.name}"
+                                f" serves every loss, so give it the same type and default or another name")
+    TASK_LOSSES[cls.name] = cls
+    return cls
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def option_fields() -> list[tuple[str, object, dataclasses.Field]]:
+    """Every registered loss's options, once each, in registration order (mleps.config's MetricConfig)."""
+    seen: dict[str, tuple] = {}
+    for cls in TASK_LOSSES.values():
+        types = typing.get_type_hints(cls.options)  # real types, also under `from __future__ import annotations`
+        for f in dataclasses.fields(cls.options):
+            seen.setdefault(f.name, (f.name, types[f.name],
+                                     dataclasses.field(default=f.default, default_factory=f.default_factory)))
+    return list(seen.values())
+
+
 class TaskLoss:
     name: str = ""
+    options: type = NoOptions  # a dataclass of this loss's own metric.* knobs (register_task_loss)
     higher_is_better: bool = False  # of score_from_stats; the loss is always lower-is-better
     num_stats: int = 2  # length of the statistics array (composites split theirs by it)
+
+    @classmethod
+    def from_options(cls, level: str, options: dict) -> "TaskLoss":
+        """The loss at `level` from a metric config's values (missing options take their defaults)."""
+        return cls(level, **{f.name: options.get(f.name, _default(f)) for f in dataclasses.fields(cls.options)})
 
     def __init__(self, level: str = "corpus"):
         if level not in LEVELS:
@@ -67,8 +132,21 @@ class TaskLoss:
     def score_from_stats(self, stats) -> float:
         return self.loss_from_stats(stats)
 
+    def report(self, stats, hyps: list[str], references: list[list[str]]) -> dict:
+        """What validation and evaluation report for summed `stats` ({"score": ...}, plus whatever a
+        loss adds, e.g. a text metric's library details from the gathered `hyps`)."""
+        return {"score": self.score_from_stats(stats)}
+
     def loss(self, decoded) -> float:
         return self.loss_from_stats(self.stats(decoded))
+
+    def at_level(self, level: str) -> "TaskLoss":
+        """A copy of this loss pooled at `level` (model-based state, such as a bound score model, is shared)."""
+        if level not in LEVELS:
+            raise ValueError(f"unknown metric level {level!r}; choose one of: {', '.join(LEVELS)}")
+        other = copy.copy(self)
+        other.level = level
+        return other
 
     def bind(self, model, tokenizer) -> None:
         """Called once with the run's model before training (model-based losses keep what they need)."""
@@ -76,6 +154,19 @@ class TaskLoss:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r})"
 
+
+def require_sentence_form(loss: TaskLoss, rule: str) -> None:
+    """PG and MRT score each output on its own: a corpus-only loss cannot be their reward."""
+    if not loss.has_sentence_form:
+        raise UserError(f"trainer={rule} needs a per-output (sentence) loss, and metric={loss.name} only has a "
+                        f"corpus form: choose another metric.name, or trainer=mgs, which optimises corpus losses")
+
+
+
+
+def at_level(loss: TaskLoss, level: str) -> TaskLoss:
+    """The same loss pooled at `level` (validation reports the corpus form of the training loss)."""
+    return loss.at_level(level)
 
 def _mean(stats) -> float:
     return float(stats[0] / stats[1]) if stats[1] else 0.0

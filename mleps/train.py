@@ -55,22 +55,14 @@ def _set_on_command_line(key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@exit_on_user_error
-def train(cfg) -> None:
+def run(cfg, run_dir: Path, callbacks=(), **inputs) -> dict:
+    """One training run of a composed config into `run_dir`: what the CLI and mleps.api.Trainer share.
+    `inputs`: Python objects that replace what the config would load (mleps.loop.Loop). Prints the
+    summary table and writes summary.json on the main process."""
     from mleps.loop import Loop
     from mleps.plotting import plot_run
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.output_dir and _run_dir(None, cfg.resume, None) is None:
-        # Hydra's dated folder is named by each process's own clock: they could write to two.
-        raise UserError("several processes need one run dir: pass output_dir=PATH")
-    if cfg.init_from and cfg.trainer.warm_start_steps and not _set_on_command_line("trainer.warm_start_steps"):
-        # Fine-tuning a given checkpoint must not first retrain it with MLE (trainer=mgs's default warm start).
-        log.info("init_from=%s: no MLE warm start (trainer.warm_start_steps=%d is for runs from scratch; "
-                 "pass it explicitly to have one)", cfg.init_from, cfg.trainer.warm_start_steps)
-        cfg.trainer.warm_start_steps = 0
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    loop = Loop(cfg, run_dir)
+    loop = Loop(cfg, run_dir, callbacks, **inputs)
     loop.setup()
     summary = loop.train()
     if loop.is_main:
@@ -83,9 +75,31 @@ def train(cfg) -> None:
         tmp = run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(run_dir / "summary.json")
+    return summary
+
+
+def run_from_command_line(cfg, callbacks=()) -> dict:
+    """The CLI's body (mleps_lab.train calls it with its callbacks): the command line's own rules, then `run`
+    in Hydra's run dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.output_dir and _run_dir(None, cfg.resume, None) is None:
+        # Hydra's dated folder is named by each process's own clock: they could write to two.
+        raise UserError("several processes need one run dir: pass output_dir=PATH")
+    if cfg.init_from and cfg.trainer.warm_start_steps and not _set_on_command_line("trainer.warm_start_steps"):
+        # Fine-tuning a given checkpoint must not first retrain it with MLE (trainer=mgs's default warm start).
+        log.info("init_from=%s: no MLE warm start (trainer.warm_start_steps=%d is for runs from scratch; "
+                 "pass it explicitly to have one)", cfg.init_from, cfg.trainer.warm_start_steps)
+        cfg.trainer.warm_start_steps = 0
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir), callbacks)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@exit_on_user_error
+def train(cfg) -> None:
+    run_from_command_line(cfg)
 
 
 def main() -> None:
+    register_configs()  # again: a process may have registered other schemas since the import (mleps_lab.train)
     run_hydra(train)
 
 

@@ -8,29 +8,17 @@ model and the metric are loaded (and so checked) by Loop.setup before it touches
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from omegaconf import OmegaConf
 
 from mleps.data import LOSS_ON, SEQUENCES, TASKS
 from mleps.errors import UserError
-from mleps.models import KINDS
+from mleps.checks import _at_least, _finite
+from mleps.models import model_source
 from mleps.schedules import SCHEDULES
 from mleps.trainers import rule_class
 
 MIXED_PRECISION = ("no", "bf16")
-
-
-def _at_least(value, low: int, key: str) -> None:
-    if value is not None and value < low:
-        raise UserError(f"{key}={value}: use {low} or more")
-
-
-def _finite(value, key: str, low: float = float("-inf"), strict: bool = False) -> None:
-    ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        bound = "" if low == float("-inf") else f" {'>' if strict else '>='} {low:g}"
-        raise UserError(f"{key}={value}: use a finite number{bound}")
 
 
 WARM_START_KEYS = {"max_steps": "warm_start_steps", "lr": "warm_start_lr", "eval_every": "warm_start_eval_every",
@@ -83,12 +71,6 @@ def validate_train_config(cfg, phases) -> None:
     check_known_keys(cfg)
     main = cfg.trainer
     check_trainer(main)
-    if main.get("diagnose_every") and not cfg.data.validation_file:
-        raise UserError("trainer.diagnose_every scores a held-out slice of the validation set: "
-                        "it needs data.validation_file (or set trainer.diagnose_every=null)")
-    if main.get("oracle_rows") is not None and not cfg.data.validation_file:
-        raise UserError("trainer.oracle_rows weighs the samples on validation rows: "
-                        "it needs data.validation_file (or set trainer.oracle_rows=null)")
     for phase in phases:
         if phase.name != "main":
             check_trainer(phase.trainer, warm_start=True)
@@ -107,33 +89,7 @@ def validate_train_config(cfg, phases) -> None:
     for key in ("max_source_length", "max_target_length"):  # room for one token and </s>
         _at_least(data[key], 2, f"data.{key}")
     _check_task(data, cfg.model, cfg.init_from)
-    m = cfg.model
-    if m.name in ("tiny_marian", "tiny_gpt2"):
-        for key in ("vocab_size", "d_model", "layers", "heads", "ffn_dim"):
-            _at_least(m[key], 1, f"model.{key}")
-        if m.d_model % m.heads:
-            raise UserError(f"model.heads={m.heads} does not divide model.d_model={m.d_model}: "
-                            f"pick heads that divide it (e.g. {_divisor(m.d_model, m.heads)})")
-        if not 0 <= m.dropout < 1:
-            raise UserError(f"model.dropout={m.dropout}: use a number in [0, 1)")
-        if m.name == "tiny_gpt2":
-            _at_least(m.max_positions, 2, "model.max_positions")
-            reference = (data.continuation_tokens + 1 if data.get("sequences", "windows") == "windows" else
-                         (data.max_sequence_tokens or 0) - data.prefix_tokens + 1)
-            needed = max(data.max_source_length if data.task == "pairs" else data.prefix_tokens, 1) + max(
-                d.max_new_tokens, getattr(main, "max_new_tokens", 0) or 0, reference)
-            if needed > m.max_positions:
-                raise UserError(f"model.max_positions={m.max_positions} is shorter than a prompt and its output "
-                                f"({needed} tokens: data.prefix_tokens + the longest of decode.max_new_tokens, "
-                                f"trainer.max_new_tokens, data.continuation_tokens + 1): raise model.max_positions")
-    elif m.name == "hf":
-        if not m.name_or_path and not cfg.init_from:
-            raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
-        if m.kind not in KINDS:
-            raise UserError(f"model.kind={m.kind} is not one of: {', '.join(KINDS)}")
-    else:
-        raise UserError(f"unknown model '{m.name}': use model=tiny_marian, model=tiny_gpt2 or "
-                        f"model=hf model.name_or_path=NAME")
+    model_source(cfg.model.name).check(cfg)  # the model=<name> option's own sizes and names
     if cfg.mixed_precision == "fp16":
         # fp16 needs a loss scaler around every rule's backward (MGS writes .grad itself) and in
         # the checkpoint; bf16 needs neither.
@@ -148,10 +104,9 @@ def model_family(model_cfg, init_from: str | None = None) -> str | None:
     """causal | seq2seq as far as the config tells without loading weights (None: read at load time)."""
     if init_from:
         return None
-    if model_cfg.name == "tiny_gpt2":
-        return "causal"
-    if model_cfg.name == "tiny_marian":
-        return "seq2seq"
+    family = model_source(model_cfg.name).family
+    if family is not None:
+        return family
     return model_cfg.kind if model_cfg.get("kind", "auto") != "auto" else None
 
 
@@ -193,7 +148,3 @@ def check_family_options(data, family: str | None) -> None:
         if data.task != "completion":
             raise UserError("a decoder-only model trains on data.task=completion (e.g. data=completion): "
                             "source -> target pairs need an encoder-decoder (model=tiny_marian)")
-
-
-def _divisor(n: int, near: int) -> int:
-    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - near))

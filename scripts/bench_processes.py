@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mleps.rundir import read_events  # noqa: E402
 
 
 def run(name: str, launcher: list[str], overrides: list[str], threads: int, out: Path) -> float:
@@ -32,8 +35,7 @@ def run(name: str, launcher: list[str], overrides: list[str], threads: int, out:
     with open(out / f"{name}.log", "w") as log:
         subprocess.run([*launcher, "-m", "mleps.train", *overrides, f"output_dir={run_dir}"], cwd=ROOT, env=env,
                        stdout=log, stderr=subprocess.STDOUT, check=True)
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    step_s = [e["step_s"] for e in events if e["split"] == "train"][1:]  # the first step warms caches
+    step_s = [e["step_s"] for e in read_events(run_dir, "train")][1:]  # the first step warms caches
     return sum(step_s) / len(step_s)
 
 

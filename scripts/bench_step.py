@@ -118,38 +118,38 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- decode counter
 
 class DecodeCounter:
-    """Wraps mleps.decoding.generate where the rules call it: counts generated tokens and time."""
+    """Observes every mleps.decoding.generate call (GENERATE_OBSERVERS): counts generated tokens and time."""
 
     def __init__(self, eos: list[int], device: torch.device):
         self.eos, self.device = eos, device
         self.reset()
-        import mleps.decoding
-        self.real = mleps.decoding.generate
 
     def reset(self):
         self.tokens = 0  # generated tokens through each row's first EOS
         self.rows = 0
         self.seconds = 0.0
 
-    def generate(self, *args, **kwargs):
-        from mleps.trainers.sequences import label_mask
+    def __call__(self, ids: torch.Tensor, seconds: float) -> None:
+        from mleps.families import label_mask
 
-        t0 = time.perf_counter()
-        ids = self.real(*args, **kwargs)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the observer runs after the call: wait for its kernels
+            t0 = time.perf_counter()
             torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - t0
+            seconds += time.perf_counter() - t0
+        self.seconds += seconds
         self.tokens += int(label_mask(ids[:, 1:], self.eos).sum())
         self.rows += ids.shape[0]
-        return ids
+
+    def generate(self, *args, **kwargs):
+        from mleps.decoding import generate
+
+        return generate(*args, **kwargs)
 
     def install(self):
-        import mleps.trainers.mgs
-        import mleps.trainers.pg
-        import mleps.trainers.sequences
+        from mleps.decoding import GENERATE_OBSERVERS
 
-        for module in (mleps.trainers.mgs, mleps.trainers.pg, mleps.trainers.sequences):
-            module.generate = self.generate
+        if self not in GENERATE_OBSERVERS:
+            GENERATE_OBSERVERS.append(self)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -206,24 +206,32 @@ def warm_model(size: str, args, tokenizer, train_ds, collate, device, log):
         model.load_state_dict(torch.load(path, map_location="cpu"))
         log(f"[{size}] warm model: {path}")
         return model.to(device)
+    from accelerate import Accelerator
+
+    from mleps.schedules import build_scheduler
+    from mleps.trainers import build_rule
+    from mleps.trainers.mle import MLEConfig
+
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    # the library's MLE step and schedule: lr 1e-3, 50 warm-up steps then constant, label smoothing 0.1
+    warm = OmegaConf.structured(MLEConfig(lr=1e-3, schedule="constant", warmup_steps=50, label_smoothing=0.1,
+                                          max_steps=args.warm_steps))
+    rule = build_rule("mle", cfg=warm, model=model, tokenizer=tokenizer, metric=None,
+                      accelerator=Accelerator(cpu=device.type == "cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=warm.lr, betas=tuple(warm.betas))
+    sched = build_scheduler(opt, warm)
     stream = BatchStream(train_ds, WARM_BATCH, seed=1234)
-    from mleps.trainers.base import token_cross_entropy
 
     t0 = time.perf_counter()
     for step in range(args.warm_steps):
         batch = to_device(collate(train_ds[stream.indices(step)]), device)
         opt.zero_grad(set_to_none=True)
-        loss_sum, tokens = token_cross_entropy(model, batch, 0.1)
-        loss = loss_sum / tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        stats = rule.step(batch, step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), warm.max_grad_norm)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == args.warm_steps - 1:
-            log(f"[{size}] warm-up MLE step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"[{size}] warm-up MLE step {step}: loss {stats['loss']:.3f} ({time.perf_counter() - t0:.0f} s)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
@@ -261,10 +269,8 @@ class Bench:
         self.cfgs = cfgs
         self.rules = {}
         for name, cfg in cfgs.items():
-            rule = build_rule(cfg.name, cfg=cfg, model=model, tokenizer=tokenizer, metric=metric,
-                              accelerator=accelerator, seed=0)
-            rule.optimizer = self.optimizer
-            self.rules[name] = rule
+            self.rules[name] = build_rule(cfg.name, cfg=cfg, model=model, tokenizer=tokenizer, metric=metric,
+                                          accelerator=accelerator, seed=0, optimizer=self.optimizer)
 
     def restore(self):
         with torch.no_grad():
@@ -480,10 +486,9 @@ def measure_population(size: str, args, shared, device, log) -> dict:
             apply_perturbation_([s[group] for s in stacks], None, search, sample)
         rules = {mode: build_rule("mgs", cfg=trainer_cfg("mgs", num_samples=k, max_new_tokens=args.max_new_tokens,
                                                          decode_population=mode),
-                                  model=model, tokenizer=tokenizer, metric=metric, accelerator=accelerator, seed=0)
+                                  model=model, tokenizer=tokenizer, metric=metric, accelerator=accelerator, seed=0,
+                                  optimizer=optimizer)
                  for mode in ("sequential", "batched")}
-        for rule in rules.values():
-            rule.optimizer = optimizer
 
         def restore():
             with torch.no_grad():
@@ -570,8 +575,7 @@ def task_loss_shares(args, shared, device, log) -> dict:
         loss = build_task_loss(name, "corpus", **options)
         loss.bind(model, tokenizer)
         rule = build_rule("mgs", cfg=cfg, model=model, tokenizer=tokenizer, metric=loss,
-                          accelerator=Accelerator(cpu=device.type == "cpu"), seed=0)
-        rule.optimizer = optimizer
+                          accelerator=Accelerator(cpu=device.type == "cpu"), seed=0, optimizer=optimizer)
         score_s = [0.0]
         inner = rule._score
 

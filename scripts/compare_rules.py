@@ -24,15 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mleps.plotting import plot_run, read_events  # noqa: E402
+from mleps_lab.reproduce import ARMS  # noqa: E402  (the rules as the reproduction runs them)
 
+# The reproduction's arms (mgs: the guide centred on AdamW's next step, applied directly), with MLE at a
+# fine-tuning lr (the reproduction searches it), plus MGS with the scaled guides of the original code.
 RECIPES = {
-    "mle": ["trainer=mle", "trainer.lr=1e-4", "trainer.schedule=constant", "trainer.warmup_steps=0",
-            "trainer.label_smoothing=0.0"],
-    "pg": ["trainer=pg"],
-    "mrt": ["trainer=mrt"],
-    "mgs": ["trainer=mgs"],  # the default: guide centred on AdamW's next step, applied directly
-    "mgs_scaled": ["trainer=mgs", "trainer.guide=scaled", "trainer.guide_scale=0.05", "trainer.apply=optimizer"],
-    "mgs_original": ["trainer=mgs", "trainer.guide=scaled", "trainer.guide_scale=1.0", "trainer.apply=optimizer",
+    **ARMS,
+    "mle": [*ARMS["mle"], "trainer.lr=1e-4", "trainer.label_smoothing=0.0"],
+    "mgs_scaled": [*ARMS["mgs"], "trainer.guide=scaled", "trainer.guide_scale=0.05", "trainer.apply=optimizer"],
+    "mgs_original": [*ARMS["mgs"], "trainer.guide=scaled", "trainer.guide_scale=1.0", "trainer.apply=optimizer",
                      "trainer.density=mgs_reference"],
 }
 

@@ -2,7 +2,7 @@
 
     python scripts/mgs_report.py RUN_DIR [--rows 15]
 
-Prints the run's summary (mleps/mgs_summary.py says what each column measures), then up to
+Prints the run's summary (mleps_lab/mgs_summary.py says what each column measures), then up to
 --rows logged training steps of the main phase, evenly spaced, with the validation score
 of the nearest evaluation at or before each. The diagnostic columns (rank_corr,
 taken−blind) need trainer.diagnose_every, the oracle ones trainer.oracle_rows; columns a run did not
@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mleps.mgs_summary import COLUMNS, format_value, main_steps, markdown_table, read_events, summarise  # noqa: E402
+from mleps_lab.mgs_summary import COLUMNS, format_value, main_steps, markdown_table, summarise  # noqa: E402
+from mleps.rundir import read_events  # noqa: E402
 
 STEP_COLUMNS = {"step": "step", "task_loss": "task_loss", "ess_share": "ess_share", "guided_weight": "guided",
                 "loss_spread_std": "spread", "temperature": "alpha", "diag_rank_correlation": "rank_corr",

@@ -12,7 +12,7 @@ the start, every --eval-every steps and at the end, and the weights' diagnostic
 Anything after `--` is passed to every run (e.g. trainer.batch_size=32).
 
 Writes DIR/<lever>-seed<S>/ (each run), DIR/screen.json and DIR/screen.md, and prints the
-table: the mleps/mgs_summary.py columns averaged over seeds, plus Δ vs blind (final and best
+table: the mleps_lab/mgs_summary.py columns averaged over seeds, plus Δ vs blind (final and best
 score minus blind's, same seeds).
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mleps.mgs_summary import COLUMNS, markdown_table, read_events, summarise  # noqa: E402
+from mleps_lab.mgs_summary import COLUMNS, markdown_table, summarise  # noqa: E402
+from mleps.rundir import read_events  # noqa: E402
 
 LEVERS = {
     "default": [],
@@ -52,7 +53,7 @@ TABLE = ("lever", "seeds", *COLUMNS, "final_vs_blind", "best_vs_blind")
 
 def run(name: str, seed: int, args, extra: list[str]) -> Path:
     out = Path(args.out) / f"{name}-seed{seed}"
-    cmd = [sys.executable, "-m", "mleps.train", "trainer=mgs", "trainer.warm_start_steps=0", f"init_from={args.init}",
+    cmd = [sys.executable, "-m", "mleps_lab.train", "trainer=mgs", "trainer.warm_start_steps=0", f"init_from={args.init}",
            f"trainer.max_steps={args.steps}", f"trainer.eval_every={args.eval_every or args.steps}",
            "trainer.save_every=1000000", "trainer.log_every=1", f"data.max_eval_examples={args.eval_examples}",
            f"trainer.diagnose_every={args.diagnose_every}", f"trainer.diagnose_examples={args.diagnose_examples}",

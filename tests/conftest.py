@@ -152,14 +152,19 @@ def base_cfg(_composed_cfg):
     return _composed_cfg.copy()
 
 
-def compose_cfg(*overrides: str, config_name: str = "train"):
-    """Compose a config with extra overrides (for groups other than the fixture's)."""
+def compose_cfg(*overrides: str, config_name: str = "train", lab: bool = False):
+    """Compose a config with extra overrides (for groups other than the fixture's); lab: with the
+    schemas of `python -m mleps_lab.train` (trainer=mgs takes the probes' keys)."""
     from hydra import compose, initialize_config_dir
 
     import mleps.config
     import mleps.train  # noqa: F401
 
     mleps.config.register_configs()
+    if lab:
+        from mleps_lab.probes import register_probe_configs
+
+        register_probe_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
 

@@ -24,7 +24,7 @@ def test_every_trainer_yaml_composes_against_its_schema(option):
     assert cfg.trainer.name == name
     assert isinstance(cfg.trainer.lr, float) and isinstance(cfg.trainer.max_steps, int)
     assert set(TRAINER_YAMLS) == set(RULES) | set(PRESETS)
-    assert issubclass(RULES[name].load(), __import__("mleps.trainers.base").trainers.base.UpdateRule)
+    assert issubclass(RULES[name], __import__("mleps.trainers.base").trainers.base.UpdateRule)
 
 
 @pytest.mark.parametrize("group,schema", [("data", schemas.DataConfig), ("model", schemas.ModelConfig),

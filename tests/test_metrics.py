@@ -86,11 +86,11 @@ def test_sentence_level_score_is_mean_of_sentence_scores():
 def test_stats_are_additive(name, level):
     m = build_metric(name, level)
     half = len(HYPS) // 2
-    a = m.stats(HYPS[:half], REFS[:half])
-    b = m.stats(HYPS[half:], REFS[half:])
+    a = m.text_stats(HYPS[:half], REFS[:half])
+    b = m.text_stats(HYPS[half:], REFS[half:])
     whole = m.score(HYPS, REFS)
     assert m.score_from_stats(a + b) == pytest.approx(whole, abs=1e-9)
-    np.testing.assert_allclose(a + b, m.stats(HYPS, REFS))
+    np.testing.assert_allclose(a + b, m.text_stats(HYPS, REFS))
     if level == "corpus":
         assert whole == pytest.approx(m.corpus_score(HYPS, REFS)["score"], abs=1e-9)
     # Halves differ from the whole, so the test is not vacuous.
@@ -122,7 +122,7 @@ def test_empty_inputs_score_zero(name, level):
     assert m.corpus_score([], [])["score"] == 0.0
     assert m.sentence_scores([], []) == []
     assert m.sentence_scores([""], [["abc def"]]) == [0.0]
-    assert m.score_from_stats(m.stats([], [])) == 0.0
+    assert m.score_from_stats(m.text_stats([], [])) == 0.0
     assert m.task_loss([], []) == 1.0
 
 
@@ -132,7 +132,7 @@ def test_count_mismatch_raises(name):
     with pytest.raises(ValueError, match=r"3 hypotheses but 2 reference"):
         m.score(["a", "b", "c"], [["a"], ["b"]])
     with pytest.raises(ValueError, match=r"1 hypotheses but 2 reference"):
-        m.stats(["a"], [["a"], ["b"]])
+        m.text_stats(["a"], [["a"], ["b"]])
 
 
 def test_unknown_name_or_level_raises():
@@ -192,7 +192,7 @@ def test_variable_reference_counts_at_corpus_level():
     # Additivity holds with mixed reference counts too.
     for name in ("bleu", "chrf", "rouge"):
         m = build_metric(name)
-        total = m.stats(MULTI_HYPS[:1], MULTI_REFS[:1]) + m.stats(MULTI_HYPS[1:], MULTI_REFS[1:])
+        total = m.text_stats(MULTI_HYPS[:1], MULTI_REFS[:1]) + m.text_stats(MULTI_HYPS[1:], MULTI_REFS[1:])
         assert m.score_from_stats(total) == pytest.approx(m.score(MULTI_HYPS, MULTI_REFS))
 
 

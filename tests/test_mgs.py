@@ -49,12 +49,11 @@ def make_batch(tokenizer, model, n: int = 16) -> dict:
     return Collator(tokenizer, model)(rows)
 
 
-def mgs_rule(model, tokenizer, **overrides):
+def mgs_rule(model, tokenizer, probes=(), **overrides):
     cfg = OmegaConf.merge(OmegaConf.structured(MGSConfig), {"max_new_tokens": 8, **overrides})
-    rule = build_rule("mgs", cfg=cfg, model=model, tokenizer=tokenizer, metric=build_metric("bleu", "corpus"),
-                      accelerator=Accelerator(cpu=True), seed=0)
-    rule.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    return rule
+    return build_rule("mgs", cfg=cfg, model=model, tokenizer=tokenizer, metric=build_metric("bleu", "corpus"),
+                      accelerator=Accelerator(cpu=True), seed=0, probes=probes,
+                      optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)))
 
 
 def mle_warm(model, tokenizer, batch, steps: int) -> None:

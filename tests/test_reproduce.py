@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from mleps.errors import UserError
-from mleps.reproduce import Reproduction
-from mleps.reproduce_report import compare_sentence, markdown_table, mean_std, paired_bootstrap, summarize
+from mleps_lab.reproduce import Reproduction
+from mleps_lab.reproduce_report import compare_sentence, markdown_table, mean_std, paired_bootstrap, summarize
 from tests.conftest import REPO, assert_user_error
 
 REFS = [["a man rides a red bike down the street"], ["two dogs play in the snow"],
@@ -144,7 +144,7 @@ def test_an_extra_arm_is_calibrated_run_and_compared_like_the_others(tmp_path):
 
 def test_an_extra_arm_with_a_blind_twin_is_tested_against_it(tmp_path):
     """--arm X=... --arm X_blind=...: the bootstrap pairs X_blind with X, and the verdict says what X's weights add."""
-    from mleps.reproduce_report import significance, verdict
+    from mleps_lab.reproduce_report import significance, verdict
 
     good = [r[0] for r in REFS]
     bad = ["a man rides a bike", "dogs in snow", "a woman reads", "children swim"] * 10
@@ -161,7 +161,7 @@ def test_an_extra_arm_with_a_blind_twin_is_tested_against_it(tmp_path):
 
 
 def test_run_row_leaves_the_held_out_diagnostic_out_of_the_step_time(tmp_path):
-    from mleps.reproduce_report import run_row
+    from mleps_lab.reproduce_report import run_row
 
     events = [{"step": 0, "split": "validation", "score": 30.0, "train_s": 0.0}]
     for step, diag in ((1, None), (2, 0.5), (3, None), (4, 0.1)):
@@ -204,7 +204,7 @@ def test_an_oracle_arm_is_calibrated_itself_and_keeps_its_validation_rows(tmp_pa
 
 
 def test_a_stage_of_one_job_gets_every_core_and_a_shared_stage_splits_them(monkeypatch):
-    from mleps.reproduce import Runner
+    from mleps_lab.reproduce import Runner
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert Runner.env_for(1)["OMP_NUM_THREADS"] == "4"
@@ -234,7 +234,7 @@ def test_the_summarization_base_stops_on_cross_entropy(tmp_path):
 def test_a_killed_stage_keeps_the_time_of_its_finished_jobs(tmp_path):
     """The wall time is written after every job: a stage that stops half-way (killed, or a run that
     fails) still counts the jobs that finished, and the next invocation adds to it."""
-    from mleps.reproduce import Job, RunFailed
+    from mleps_lab.reproduce import Job, RunFailed
 
     def job(name, module):
         done = tmp_path / f"{name}.done"

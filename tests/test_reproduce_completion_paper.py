@@ -48,7 +48,7 @@ def test_tiny_completion_paper_reproduction(tmp_path, data_dir):
 
 
 def test_paired_bootstrap_over_sequences_on_known_differences():
-    from mleps.reproduce_report import paired_bootstrap_rows
+    from mleps_lab.reproduce_report import paired_bootstrap_rows
 
     a = [0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6, 0.8] * 8
     same = paired_bootstrap_rows(a, list(a))

@@ -24,7 +24,7 @@ def test_every_screen_lever_is_a_valid_config(lever):
     """The overrides compose against the schema and pass every start-up check (the screen would
     otherwise fail only when it reaches that lever)."""
     cfg = compose_cfg("trainer=mgs", "data_dir=/d", "trainer.warm_start_steps=0", "trainer.diagnose_every=5",
-                      *LEVERS[lever])
+                      *LEVERS[lever], lab=True)
     validate_train_config(cfg, make_phases(cfg.trainer))
 
 

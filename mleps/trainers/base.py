@@ -16,12 +16,65 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 from accelerate.utils import set_seed
+from omegaconf import MISSING
 
 from mleps.families import family_for
+from mleps.task_loss import require_sentence_form
+
+
+@dataclass
+class TrainerConfig:
+    """The trainer section every rule shares (steps, batch layout, optimizer, schedule, logging, the warm
+    start); each rule's schema extends it with its own knobs, beside its step."""
+
+    name: str = MISSING
+    max_steps: int = 1000
+    batch_size: int = 64  # per process and micro-batch: the global batch is batch_size x processes x accumulation
+    gradient_accumulation_steps: int = 1  # micro-batches per process per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    schedule: str = "inverse_sqrt"  # constant | linear | inverse_sqrt | cosine
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    eval_every: int = 500
+    log_every: int = 25
+    save_every: int = 500
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    max_train_s: Optional[float] = None  # stop the phase after this much training time (equal-time comparisons)
+    # null: batch_size rows per micro-batch; N: length-sorted batches of at most N padded tokens
+    # (completion; the reference code's --chunk-size-train), mleps.data.TokenBudgetStream
+    batch_tokens: Optional[int] = None
+    # training-time decodes (mgs, pg, mrt) stop at ceil(ratio x the batch's longest reference), at most
+    # trainer.max_new_tokens; null = always trainer.max_new_tokens (the reference code uses 1.3)
+    max_length_ratio: Optional[float] = None
+    patience: Optional[int] = None  # end the phase after this many evaluations without a new best (null = off)
+    # The paper's recipe: MLE from scratch, then this rule. Skipped when 0. The warm start is an
+    # MLE phase with these settings and this trainer's batch layout, clipping and logging.
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-3
+    warm_start_eval_every: int = 500
+    warm_start_schedule: str = "inverse_sqrt"
+    warm_start_warmup_steps: int = 200
+    warm_start_label_smoothing: float = 0.1
+
+
+RULES: dict[str, type["UpdateRule"]] = {}  # trainer=<name> -> its rule; filled by register_rule
+
+
+def register_rule(cls: type["UpdateRule"]) -> type["UpdateRule"]:
+    """Class decorator: make `cls` the rule of `trainer=<cls.name>`. Its `schema` is registered with Hydra
+    by mleps.config.register_configs (the built-in rules are imported by mleps.trainers)."""
+    if not cls.name or not (isinstance(cls.schema, type) and issubclass(cls.schema, TrainerConfig)):
+        raise TypeError(f"{cls.__name__} needs a name and a schema (a TrainerConfig subclass) to be registered")
+    RULES[cls.name] = cls
+    return cls
 
 
 @dataclass(frozen=True)
@@ -52,17 +105,36 @@ class Shard:
 
 
 class UpdateRule:
-    clip_in_loop = True  # the loop clips .grad to trainer.max_grad_norm before apply()
+    """A rule declares what it needs in class attributes, which the loop reads (never its name):
+
+    name                 the trainer= option; `schema` its config dataclass (a TrainerConfig subclass)
+    needs_sentence_loss  the task loss must score each output on its own (checked at start)
+    needs_optimizer      the rule is built with the phase's optimizer (MGS centres proposals on its step)
+    clip_in_loop         the loop clips .grad to trainer.max_grad_norm before apply()
+
+    `probes` are optional per-step hooks a rule may call for measurements (MGS calls
+    mleps.trainers.mgs.SearchProbe's); the loop passes what its callbacks supply.
+    """
+
+    name: str = ""
+    schema: type = TrainerConfig
+    needs_sentence_loss = False
+    needs_optimizer = False
+    clip_in_loop = True
     needs_every_micro_batch = False  # True: update() gets the step's whole global batch on every process
 
-    def __init__(self, cfg, model, tokenizer, metric, accelerator, seed: int = 0):
+    def __init__(self, cfg, model, tokenizer, metric, accelerator, seed: int = 0, optimizer=None, probes=()):
         self.cfg = cfg  # the trainer config section
         self.model = model  # possibly wrapped by accelerate (DDP)
         self.tokenizer = tokenizer
         self.metric = metric
         self.accelerator = accelerator
         self.seed = seed
+        self.optimizer = optimizer  # the phase's optimizer, for rules with needs_optimizer
+        self.probes = list(probes)
         self.check_config(cfg)
+        if self.needs_sentence_loss:
+            require_sentence_form(metric, self.name)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -42,23 +42,17 @@ the guide (the guide uses the first batch_size rows of each micro-batch); pertur
 the noise to a subset of tensors (σ_j = 0 elsewhere, so those tensors move by the weighted
 guided centre, Σ_k w_k c_k s_k μ_j, or not at all with guide_params=perturbed).
 
-trainer.diagnose_every: every N steps, before the update is written, the same samples are also
-scored on a fixed held-out batch (the first diagnose_examples validation rows, decoded whole
-by every process), and θ+Δθ* and θ+Δθ_blind (uniform weights over the same samples) are scored
-there; θ is restored from the backup bit for bit, and nothing the update reads is touched.
-
-trainer.oracle_rows=[start, stop] is a measurement, not a method: the weights come from the samples'
-task losses on validation rows start..stop (decoded whole by every process) instead of the training
-batch, so they rank the samples as well as a few hundred unseen sentences can: a stand-in for the best
-any weighting of these proposals could do. Checkpoints must be selected on other rows (the loop refuses
-an overlap).
+Probes (`SearchProbe`, installed by code outside the library such as mleps_lab's held-out
+diagnostics and oracle weights) see each step's samples and losses before the update is written;
+one may replace the losses the weights come from. The plain rule has none.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import astuple, fields
+from dataclasses import astuple, dataclass, field, fields
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -69,10 +63,75 @@ from mleps import population as batched_decoding
 from mleps.decoding import decoded_batch, eos_ids, generate
 from mleps.errors import UserError
 from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
-                          importance_weights, spearman, write_update_)
-from mleps.trainers.base import Shard, UpdateRule, label_tokens, token_cross_entropy
+                          importance_weights, write_update_)
+from mleps.trainers.base import Shard, TrainerConfig, UpdateRule, label_tokens, register_rule, token_cross_entropy
 
 PERTURB_PARAMS = ("all", "norms_biases", "output")
+
+
+@dataclass
+class MGSConfig(TrainerConfig):
+    name: str = "mgs"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    num_samples: int = 4  # K perturbations per step
+    proposal: str = "mixture"  # zero | guided | mixture
+    mixture_weight: float = 0.5  # lambda: share of zero-centred perturbations
+    noise_scale: float = 1.0  # sigma (relative: times each tensor's mean |guide|)
+    noise_mode: str = "relative"  # relative | constant
+    temperature: Optional[float] = 0.01  # alpha, in units of the task loss (1 - metric/100)
+    beta: Optional[float] = None  # the MGS paper's 1/alpha (100 there); set temperature=null to use it
+    density: str = "fixed_norm"  # proposal density in the importance weights (see docs/sampling-view.md)
+    guide: str = "optimizer"  # scaled: mu = -guide_scale * g ; optimizer: mu = the optimizer's own next step
+    guide_scale: float = 1.0
+    guide_max_norm: float = 1.0  # the guide gradient g is clipped to this norm first (0 = off)
+    decode: str = "greedy"  # greedy | sample
+    max_new_tokens: int = 64
+    perturb: str = "inplace"  # inplace | copy (deep copy per sample, the original code's way)
+    parallel: str = "data"  # several processes: data (each decodes its shard) | population (each its samples)
+    decode_population: str = "sequential"  # sequential: one generate per parameter set | batched: one for all
+    apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
+    sgd_scale: float = 1.0
+    update_max_norm: float = 0.0  # clip Δθ* to this norm before it is applied (the reference clips to 1); 0 = off
+    # Levers on the weights' signal (docs/mgs.md, "Levers"); the defaults are the plain rule.
+    target_ess: Optional[float] = None  # share of the samples in (0, 1]: alpha chosen per step so ESS = share x K
+    weighting: str = "boltzmann"  # boltzmann: exp(-(C_k - C_0)/alpha) | rank: softmax of -rank_k/alpha, ranks in [0, 1]
+    antithetic: bool = False  # mirrored pairs Delta and -Delta around the same centre (K even)
+    scoring_batch_size: Optional[int] = None  # rows decoded and scored per micro-batch (>= batch_size, the guide's)
+    perturb_params: str = "all"  # the tensors the noise perturbs: all | norms_biases (1-d tensors) | output
+    guide_params: str = "all"  # all: other tensors move along the weighted guide | perturbed: only the searched move
+    line_search_scales: List[float] = field(default_factory=list)  # extra noiseless samples at s x mu, e.g. [0.5,1,2,4]
+
+
+@dataclass
+class SearchStep:
+    """One step's search, as MGS hands it to its probes (read-only: params hold θ, `theta` a copy of it
+    when the step keeps one, else None)."""
+
+    step: int
+    model: torch.nn.Module
+    params: list
+    guide: list  # g (or the optimizer's step) per trainable tensor; .grad of params
+    samples: list
+    noise_scales: list
+    theta: list | None
+    base_loss: float  # C(θ) on the training batch
+    losses: list  # C(θ+Δ_k) on the training batch
+
+
+class SearchProbe:
+    """A per-step hook on MGS's search, for measurements. A probe may decode with perturbed parameters
+    but leaves θ as it found it, bit for bit, and never touches .grad, the optimizer or the weights'
+    inputs unless `weigh` says so. Both hooks are optional."""
+
+    def weigh(self, rule: "MGS", search: SearchStep) -> tuple[float, list, dict] | None:
+        """(C(θ), [C(θ+Δ_k)], statistics to log) to take the weights from instead of the training batch's."""
+        return None
+
+    def measure(self, rule: "MGS", search: SearchStep, log_weights: torch.Tensor) -> dict[str, float]:
+        """Statistics to log, once the weights are known and before the update is written."""
+        return {}
 
 
 def search_config(cfg) -> SearchConfig:
@@ -88,7 +147,10 @@ def search_config(cfg) -> SearchConfig:
         raise UserError(f"trainer: {e}") from None
 
 
+@register_rule
 class MGS(UpdateRule):
+    name, schema = "mgs", MGSConfig
+    needs_optimizer = True  # guide=optimizer: μ is the optimizer's own next step
     clip_in_loop = False  # the guide is clipped before the search; Δθ* is used as it comes
 
     def __init__(self, **kwargs):
@@ -98,14 +160,11 @@ class MGS(UpdateRule):
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise UserError("trainer=mgs perturbs whole parameters in place: run it with DDP "
                             "(conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
-        self.optimizer = None  # set by the loop
         self.eos = eos_ids(self.unwrapped)
         self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
         if cfg.decode_population == "batched":  # a model with a module it cannot stack fails here, at start
             batched_decoding.check_supported(self.unwrapped, self._params(self.unwrapped))
         self.searched = self._searched_tensors(self.unwrapped)  # per trainable tensor: does the noise move it
-        self.diagnostic_batch: dict | None = None  # set by the loop when trainer.diagnose_every is on
-        self.oracle_batch: dict | None = None  # set by the loop when trainer.oracle_rows is on
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -134,14 +193,6 @@ class MGS(UpdateRule):
         if cfg.scoring_batch_size is not None and cfg.scoring_batch_size < cfg.batch_size:
             raise UserError(f"trainer.scoring_batch_size={cfg.scoring_batch_size} is below trainer.batch_size="
                             f"{cfg.batch_size}: the scored rows include the guide's; use null or >= batch_size")
-        if cfg.diagnose_every is not None and cfg.diagnose_every < 1:
-            raise UserError(f"trainer.diagnose_every={cfg.diagnose_every}: use 1 or more, or null (off)")
-        if cfg.diagnose_examples < 1:
-            raise UserError(f"trainer.diagnose_examples={cfg.diagnose_examples}: use 1 or more")
-        rows = cfg.get("oracle_rows")
-        if rows is not None and (len(rows) != 2 or not 0 <= rows[0] < rows[1]):
-            raise UserError(f"trainer.oracle_rows={list(rows)}: use [start, stop] with 0 <= start < stop "
-                            "(validation rows), or null (off)")
 
     @property
     def rows_per_micro_batch(self) -> int:  # the loop draws this many rows; the guide uses batch_size of them
@@ -197,6 +248,10 @@ class MGS(UpdateRule):
         """The task loss's additive statistics of decoded `ids` against the batch's references."""
         return self.metric.stats(decoded_batch(ids, self.tokenizer, self.eos, batch["references"], batch=batch))
 
+    def task_loss_on(self, model, batch: dict, seed: int) -> float:
+        """C(model) on `batch`: decoded and scored as the step's own decodes are (for probes)."""
+        return self.metric.loss_from_stats(self._task_stats(model, batch, seed)[0])
+
     def _task_stats(self, model, batch: dict, seed: int) -> tuple[np.ndarray, float]:
         """(the task loss's additive statistics, decode seconds) for the batch decoded by `model`."""
         t0 = time.perf_counter()
@@ -204,7 +259,7 @@ class MGS(UpdateRule):
         decode_s = time.perf_counter() - t0
         return self._score(ids, batch), decode_s
 
-    def _snapshot(self, params) -> list[torch.Tensor]:
+    def snapshot(self, params) -> list[torch.Tensor]:
         if self._backup is None or any(b.shape != p.shape for b, p in zip(self._backup, params)):
             self._backup = [torch.empty_like(p) for p in params]
         with torch.no_grad():
@@ -253,7 +308,7 @@ class MGS(UpdateRule):
         if not math.isfinite(guide_norm):  # g is all-reduced, so every process returns here together
             return {"loss": float("nan"), "cross_entropy": cross_entropy, "guide_norm": guide_norm}
         guide = [p.grad for p in params]
-        backup = self._snapshot(params) if cfg.perturb == "inplace" or cfg.guide == "optimizer" else None
+        backup = self.snapshot(params) if cfg.perturb == "inplace" or cfg.guide == "optimizer" else None
         if cfg.guide == "optimizer":
             self._optimizer_step_as_guide(params, backup)
         noise_scales = compute_noise_scales(self.search, guide, len(guide))  # σ_j: once per step, one sync
@@ -284,29 +339,20 @@ class MGS(UpdateRule):
         base_loss = self.metric.loss_from_stats(base_stats)
         losses = [self.metric.loss_from_stats(row) for row in sample_stats]
         stats = [PerturbationStats(*row.tolist()) for row in perturbation_stats]
-        oracle = {}
-        if cfg.get("oracle_rows") is not None:  # weigh by the samples' losses on held-out rows instead
-            t0_oracle = time.perf_counter()
-            theta = backup if backup is not None else self._snapshot(params)  # the decodes left θ in params
-            oracle_base, oracle_losses = self._held_out_losses(
-                model, params, theta, guide, samples, noise_scales, self._oracle_rows_batch(), self.step_seed(step, 20_011))
-            oracle = {"oracle_rank_correlation": spearman(losses, oracle_losses), "oracle_task_loss": oracle_base,
-                      "oracle_best_improvement": oracle_base - min(oracle_losses),
-                      "oracle_s": time.perf_counter() - t0_oracle}
-            log_weights, info = importance_weights(self.search, samples, oracle_losses, oracle_base, stats)
-        else:
-            log_weights, info = importance_weights(self.search, samples, losses, base_loss, stats)
+        search = SearchStep(step, model, params, guide, samples, noise_scales, backup, base_loss, losses)
+        probed, weighed_by = {}, (base_loss, losses)
+        for probe in self.probes:  # e.g. the lab's oracle: the weights from held-out rows (a measurement)
+            replaced = probe.weigh(self, search)
+            if replaced is not None:
+                weighed_by, probed = replaced[:2], {**probed, **replaced[2]}
+        log_weights, info = importance_weights(self.search, samples, weighed_by[1], weighed_by[0], stats)
         times["score_s"] = time.perf_counter() - t0
-
-        diagnostics = {}
-        if cfg.diagnose_every and (step + 1) % cfg.diagnose_every == 0:
-            t0 = time.perf_counter()
-            diagnostics = self._diagnose(model, params, guide, samples, losses, log_weights, noise_scales, step)
-            diagnostics["diagnose_s"] = time.perf_counter() - t0
+        for probe in self.probes:
+            probed.update(probe.measure(self, search, log_weights))
 
         # -- update: Δθ* into .grad, negated so that a descending optimizer moves along Δθ*
         t0 = time.perf_counter()
-        update_norm = self._write_update(guide, guide, samples, log_weights, noise_scales)
+        update_norm = self.write_update(guide, guide, samples, log_weights, noise_scales)
         if cfg.update_max_norm > 0:  # the reference clips Δθ* before its optimizer step
             torch.nn.utils.clip_grad_norm_(params, cfg.update_max_norm)
         with torch.no_grad():
@@ -326,10 +372,10 @@ class MGS(UpdateRule):
             "ess": info["ess"], "ess_share": info["ess"] / len(samples), "weight_entropy": info["weight_entropy"],
             "guided_weight": info["guided_weight"], **optional,
             "noise_norm": info["noise_norm"], "update_norm": update_norm, "guide_norm": guide_norm, **times,
-            **oracle, **diagnostics,
+            **probed,
         }
 
-    def _write_update(self, out, guide, samples, log_weights, noise_scales) -> float:
+    def write_update(self, out, guide, samples, log_weights, noise_scales) -> float:
         """Δθ* into `out` (which may be `guide`); tensors outside the search get the weighted guided centre
         (guide_params=all) or nothing (guide_params=perturbed). Returns ‖Δθ*‖."""
         norm = write_update_(out, guide, self.search, samples, log_weights, noise_scales)
@@ -340,59 +386,6 @@ class MGS(UpdateRule):
                         tensor.zero_()
             norm = math.sqrt(sum(float(t.double().square().sum()) for t in out))
         return norm
-
-    # -- diagnostics of the weights' signal ------------------------------------------
-    def _diagnose(self, model, params, guide, samples, losses, log_weights, noise_scales, step) -> dict[str, float]:
-        """On the held-out batch: the samples' task losses and their rank agreement with the training
-        batch's, and the task loss after the step taken (θ + Δθ*, times sgd_scale with apply=sgd) and
-        after the blind step (uniform weights, same samples). θ is restored bit for bit; `guide`,
-        the weights and the optimizer are only read."""
-        batch = self.diagnostic_batch
-        if batch is None:
-            raise UserError("trainer.diagnose_every is on, but the rule got no held-out batch "
-                            "(data.validation_file is needed)")
-        seed = self.step_seed(step, 10_007)  # decode=sample: the same noise for every parameter set
-        backup = self._snapshot(params)  # θ (params hold θ here, whatever the guide mode)
-        base, held_out = self._held_out_losses(model, params, backup, guide, samples, noise_scales, batch, seed)
-        scale = self.cfg.sgd_scale if self.cfg.apply == "sgd" else 1.0
-        steps = {}
-        uniform = torch.full((len(samples),), -math.log(len(samples)), dtype=torch.float64)
-        for name, weights in (("taken", log_weights), ("blind", uniform)):
-            self._write_update(params, guide, samples, weights, noise_scales)  # params ← Δθ
-            with torch.no_grad():
-                torch._foreach_mul_(params, scale)
-                torch._foreach_add_(params, backup)  # params ← θ + scale·Δθ
-            steps[name] = self._loss_on(model, batch, seed)
-            with torch.no_grad():
-                torch._foreach_copy_(params, backup)
-        excess = np.asarray(held_out) - base
-        return {
-            "diag_rank_correlation": spearman(losses, held_out),
-            "diag_heldout_loss": base, "diag_heldout_spread_std": float(excess.std()),
-            "diag_heldout_spread_range": float(excess.max() - excess.min()),
-            "diag_taken_loss": steps["taken"], "diag_blind_loss": steps["blind"],
-            "diag_taken_minus_blind": steps["taken"] - steps["blind"],
-        }
-
-    def _loss_on(self, model, batch: dict, seed: int) -> float:
-        return self.metric.loss_from_stats(self._task_stats(model, batch, seed)[0])
-
-    def _held_out_losses(self, model, params, theta, guide, samples, noise_scales, batch, seed):
-        """(C(θ), [C(θ+Δ_k)]) on a held-out batch; params hold θ (a copy of it in `theta`) and are restored
-        from `theta` bit for bit after each sample."""
-        base, losses = self._loss_on(model, batch, seed), []
-        for sample in samples:
-            apply_perturbation_(params, guide, self.search, sample, noise_scales)
-            losses.append(self._loss_on(model, batch, seed))
-            with torch.no_grad():
-                torch._foreach_copy_(params, theta)
-        return base, losses
-
-    def _oracle_rows_batch(self) -> dict:
-        if self.oracle_batch is None:
-            raise UserError("trainer.oracle_rows is on, but the rule got no held-out rows "
-                            "(data.validation_file is needed)")
-        return self.oracle_batch
 
     # -- decoding the K+1 parameter sets ---------------------------------------------
     def _decode_sequential(self, model, params, guide, samples, mine, decoded, step, noise_scales, backup, times):

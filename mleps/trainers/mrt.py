@@ -15,14 +15,15 @@ sum over tokens: with α = 1, q would be nearly one-hot on the likeliest candida
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from mleps.decoding import decoded_batch
 from mleps.errors import UserError
-from mleps.losses import require_sentence_form
-from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
-from mleps.trainers.sequences import check_sampling_config, distinct_per_source, eos_ids, pad_rows, sample, sequence_log_probs, trim
+from mleps.trainers.base import Shard, register_rule
+from mleps.trainers.sequences import (SequenceSamplingConfig, SequenceSamplingRule,
+                                      distinct_per_source, pad_rows, sample, sequence_log_probs, trim)
 
 
 def candidate_sets(samples: list[tuple[int, ...]], references: list[tuple[int, ...]] | None,
@@ -48,17 +49,25 @@ def expected_risk(log_probs: torch.Tensor, costs: torch.Tensor, set_sizes: list[
     return risk, q
 
 
-class MinimumRiskTraining(UpdateRule):
+@dataclass
+class MRTConfig(SequenceSamplingConfig):
+    name: str = "mrt"
+    sharpness: float = 0.005
+    include_reference: bool = True
+
+
+@register_rule
+class MinimumRiskTraining(SequenceSamplingRule):
+    name, schema = "mrt", MRTConfig
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        require_sentence_form(self.metric, "mrt")
-        self.eos = eos_ids(self.unwrapped)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos[0]
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        check_sampling_config(cfg)
+        super().check_config(cfg)
         if not cfg.sharpness > 0:
             raise UserError(f"trainer.sharpness={cfg.sharpness}: use a number > 0")
 
@@ -94,13 +103,8 @@ class MinimumRiskTraining(UpdateRule):
         t0 = time.perf_counter()
         log_probs, _ = sequence_log_probs(self.model, batch, candidates, source_index, self.eos, lengths)
         risk, q = expected_risk(log_probs, costs, set_sizes, cfg.sharpness)
-        with torch.set_grad_enabled(cfg.mle_mix > 0):  # without the mix, cross-entropy is only logged
-            cross_entropy_sum, tokens = token_cross_entropy(self.model, batch, cfg.label_smoothing)
-        objective = shard.per_example(risk * len(sets), len(sets))  # risk is a mean over this batch's sources
-        if cfg.mle_mix > 0:
-            objective = objective + cfg.mle_mix * shard.per_token(cross_entropy_sum, tokens)
-        self.accelerator.backward(objective)
-        cross_entropy = cross_entropy_sum.detach() / tokens
+        # risk is a mean over this batch's sources
+        cross_entropy = self.backward_with_mle_mix(batch, shard, risk * len(sets), len(sets))
         loss = risk.detach() + cfg.mle_mix * cross_entropy
         backward_s = time.perf_counter() - t0
 

@@ -16,14 +16,15 @@ while log p is the model's own: the usual practice, but then the gradient is bia
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from mleps.decoding import decoded_batch, generate
 from mleps.errors import UserError
-from mleps.losses import require_sentence_form
-from mleps.trainers.base import Shard, UpdateRule, token_cross_entropy
-from mleps.trainers.sequences import check_sampling_config, distinct_per_source, eos_ids, sample, sequence_log_probs, trim
+from mleps.trainers.base import Shard, register_rule
+from mleps.trainers.sequences import (SequenceSamplingConfig, SequenceSamplingRule,
+                                      distinct_per_source, sample, sequence_log_probs, trim)
 
 BASELINES = ("loo", "greedy", "none")
 
@@ -46,15 +47,20 @@ def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.T
     return -(advantages.detach() * log_probs).mean()
 
 
-class PolicyGradient(UpdateRule):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        require_sentence_form(self.metric, "pg")
-        self.eos = eos_ids(self.unwrapped)
+@dataclass
+class PGConfig(SequenceSamplingConfig):
+    name: str = "pg"
+    baseline: str = "loo"  # loo | greedy | none
+    standardize: bool = False  # unit-RMS advantages over each micro-batch
+
+
+@register_rule
+class PolicyGradient(SequenceSamplingRule):
+    name, schema = "pg", PGConfig
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        check_sampling_config(cfg)
+        super().check_config(cfg)
         if cfg.baseline not in BASELINES:
             raise UserError(f"trainer.baseline={cfg.baseline} is not one of: {', '.join(BASELINES)}")
         if cfg.baseline == "loo" and cfg.num_samples < 2:
@@ -101,13 +107,8 @@ class PolicyGradient(UpdateRule):
         log_probs, lengths = sequence_log_probs(self.model, batch, ids, source_index, self.eos)
         # Means over the global batch: each source's K samples, averaged over sources (Shard).
         pg_loss_sum = reinforce_loss(log_probs, advantages.flatten()) * num_sources
-        with torch.set_grad_enabled(cfg.mle_mix > 0):  # without the mix, cross-entropy is only logged
-            cross_entropy_sum, tokens = token_cross_entropy(self.model, batch, cfg.label_smoothing)
-        objective = shard.per_example(pg_loss_sum, num_sources)
-        if cfg.mle_mix > 0:
-            objective = objective + cfg.mle_mix * shard.per_token(cross_entropy_sum, tokens)
-        self.accelerator.backward(objective)
-        pg_loss, cross_entropy = pg_loss_sum.detach() / num_sources, cross_entropy_sum.detach() / tokens
+        cross_entropy = self.backward_with_mle_mix(batch, shard, pg_loss_sum, num_sources)
+        pg_loss = pg_loss_sum.detach() / num_sources
         loss = pg_loss + cfg.mle_mix * cross_entropy
         backward_s = time.perf_counter() - t0
 

@@ -1,4 +1,4 @@
-"""Sampled outputs and their log-probabilities, shared by the sequence-level rules (pg, mrt).
+"""Sampled outputs, their log-probabilities and the MLE mix, shared by the sequence-level rules (pg, mrt).
 
 `generate` returns rows that start with a start column (the decoder start token; the pad token
 for a decoder-only model, whose prompt is not part of the row) and, once a row has emitted EOS,
@@ -7,12 +7,54 @@ and a row's labels count up to and including its first EOS.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
 
-from mleps.decoding import eos_ids, generate  # noqa: F401  (eos_ids: imported from here by the rules)
+import torch
+
+from mleps.decoding import eos_ids, generate
 from mleps.errors import UserError
-from mleps.families import family_for
+from mleps.families import label_mask, sequence_log_probs  # noqa: F401  (imported from here by the rules)
+from mleps.trainers.base import Shard, TrainerConfig, UpdateRule, token_cross_entropy
+
+
+@dataclass
+class SequenceSamplingConfig(TrainerConfig):
+    """Shared by the rules that sample outputs per source (pg, mrt): fine-tuning defaults."""
+
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    num_samples: int = 4  # sampled outputs per source
+    sample_temperature: float = 1.0
+    mle_mix: float = 0.1  # weight of the token cross-entropy on the references
+    max_new_tokens: int = 64
+
+
+class SequenceSamplingRule(UpdateRule):
+    """What pg and mrt share: a per-output task loss, and the MLE mix in their objective."""
+
+    needs_sentence_loss = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.eos = eos_ids(self.unwrapped)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_sampling_config(cfg)
+
+    def backward_with_mle_mix(self, batch: dict, shard: Shard, loss_sum: torch.Tensor, sources: int) -> torch.Tensor:
+        """Backward of `loss_sum` (summed over this micro-batch's `sources`) as its share of the global
+        per-source mean, plus trainer.mle_mix x the references' token cross-entropy (only logged when the
+        mix is 0). Returns that cross-entropy per token, detached."""
+        mix = self.cfg.mle_mix
+        with torch.set_grad_enabled(mix > 0):  # without the mix, cross-entropy is only logged
+            cross_entropy_sum, tokens = token_cross_entropy(self.model, batch, self.cfg.label_smoothing)
+        objective = shard.per_example(loss_sum, sources)
+        if mix > 0:
+            objective = objective + mix * shard.per_token(cross_entropy_sum, tokens)
+        self.accelerator.backward(objective)
+        return cross_entropy_sum.detach() / tokens
 
 
 def check_sampling_config(cfg) -> None:
@@ -33,34 +75,6 @@ def sample(model, batch: dict, *, num_samples: int, temperature: float, max_new_
     torch.manual_seed(seed)  # a function of (run seed, step): reruns and resumes draw the same samples
     return generate(model, batch, max_new_tokens=max_new_tokens, do_sample=True,
                     num_return_sequences=num_samples, temperature=temperature)
-
-
-def label_mask(labels: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """True for labels up to and including the first EOS of their row; what follows is padding."""
-    is_eos = torch.isin(labels, torch.tensor(eos, device=labels.device)).long()
-    eos_before = is_eos.cumsum(1) - is_eos  # EOS count strictly before each position
-    return eos_before == 0
-
-
-def sequence_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torch.Tensor, eos: list[int],
-                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(y|x) summed over each row's tokens through EOS, and the token counts.
-
-    Row n of `ids` (decoder start first) is an output for source `source_index[n]`; `lengths`
-    (from pad_rows) bounds rows padded after no EOS, as when max_new_tokens cut a sample off.
-    One teacher-forced pass for all rows; sources are repeated rather than encoded once, so
-    the call goes through the (possibly DDP-wrapped) model like any forward.
-    """
-    labels = ids[:, 1:]
-    mask = label_mask(labels, eos)
-    if lengths is not None:
-        mask &= torch.arange(labels.shape[1], device=ids.device) < (lengths - 1).unsqueeze(1)
-    inputs = {k: batch[k][source_index] for k in ("input_ids", "attention_mask")}
-    logits = family_for(model).logits(model, inputs, ids)
-    # cross_entropy with ignore_index leaves 0 at padding and never builds a full log-softmax copy.
-    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
-                                ignore_index=-100, reduction="none")
-    return -token_nll.view_as(labels).sum(1), mask.sum(1)
 
 
 def trim(ids: torch.Tensor, eos: list[int]) -> list[tuple[int, ...]]:

@@ -16,19 +16,10 @@ Only the main phase counts (a warm start is MLE). Training events are means over
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 COLUMNS = ("steps", "start", "final", "best", "ess_share", "guided_weight", "spread", "rank_corr",
            "taken_minus_blind", "s_per_step")
-
-
-def read_events(path: Path) -> list[dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def mean_of(values) -> float | None:

@@ -1,6 +1,6 @@
 """The paper's comparison in one resumable command: python scripts/reproduce.py mt|summarization|scratch
 
-Stages, each a list of subprocesses (`python -m mleps.train ...` / `python -m mleps.evaluate ...`,
+Stages, each a list of subprocesses (`python -m mleps_lab.train ...` (mleps.train with the lab probes) / `python -m mleps.evaluate ...`,
 one log file each, `progress=false`):
 
   base         MLE to its validation optimum (early stopping), or --base PATH
@@ -10,7 +10,7 @@ one log file each, `progress=false`):
                equal steps; each evaluates ~4 times on validation and keeps its best checkpoint
   test         mleps.evaluate of the base and of every arm's best checkpoint, greedy and beam 4
 
-then the report (mleps/reproduce_report.py): tables, paired bootstrap, plots, JSON and CSV.
+then the report (mleps_lab/reproduce_report.py): tables, paired bootstrap, plots, JSON and CSV.
 
 Equal training time without depending on the machine's load: the calibration converts the time
 budget T into a step count per rule, steps_r = round(T / s_r), and the arms run those fixed
@@ -24,9 +24,11 @@ function of finished runs' files, so a killed driver takes the same decisions ag
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -36,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mleps.errors import UserError
+from mleps.errors import UserError, exit_on_user_error
+from mleps.rundir import read_events
+from mleps_lab.runs import ROOT, shown, training_step_s, write_json_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The model that trains in seconds (tests/conftest.py's TINY_MODEL).
 TINY_MODEL = ["model.vocab_size=300", "model.d_model=32", "model.layers=1", "model.heads=2",
@@ -289,7 +292,7 @@ PAPER = """\
   arms     MGS / MRT / PG fine-tuning as in Welleck & Cho (2021): K = 4 perturbations,
            beta = 100 (trainer.temperature=0.01), ~5,000 fine-tuning steps, MLE continued for the
            same wall time, 3 seeds; test on tst2014, beam 4 (and greedy)
-Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps/reproduce.py)."""
+Run it with this driver's mt stages by adding those overrides to the budget (BUDGETS in mleps_lab/reproduce.py)."""
 PAPER_COMPLETION = """\
 `completion_paper --budget paper` (documented, not run on this machine; needs a GPU and the internet):
   data     WikiText-103 raw: python scripts/export_wikitext103.py, then data=wikitext103 (each non-empty
@@ -331,13 +334,6 @@ class Job:
         resume = self.run_dir is not None and (
             (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists())
         return [sys.executable, "-m", *self.argv, *(["resume=true"] if resume else [])]
-
-
-def shown(argv: list[str]) -> str:
-    """The command as a person would type it (relative to the repo root when it can)."""
-    def rel(s: str) -> str:
-        return s.replace(str(ROOT) + os.sep, "")
-    return "python -m " + " ".join(rel(a) for a in argv)
 
 
 class Runner:
@@ -385,25 +381,6 @@ class Runner:
         if not job.done:
             raise RunFailed(f"{job.name} exited 0 but wrote no {job.done_file}; see {job.log}")
         return job
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
-def training_step_s(event: dict) -> float:
-    """A training event's step time without the held-out diagnostic (trainer.diagnose_every), which is not training."""
-    return event["step_s"] - event.get("diagnose_s", 0.0)
-
-
-def read_events(run_dir: Path, split: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("split") == split and "event" not in e]
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -477,7 +454,7 @@ class Reproduction:
         return self.given_base or best_checkpoint(self.base_dir)
 
     def train_job(self, name: str, run_dir: Path, overrides: list[str]) -> Job:
-        argv = ["mleps.train", *overrides, "progress=false", f"output_dir={run_dir}"]
+        argv = ["mleps_lab.train", *overrides, "progress=false", f"output_dir={run_dir}"]  # the library CLI + probes
         return Job(name, argv, run_dir / "summary.json", self.out / "logs" / f"{name.replace('/', '_')}.log",
                    run_dir=run_dir)
 
@@ -741,6 +718,83 @@ class Reproduction:
             self.runner.run_stage(name, jobs, on_done=record)
             if name == until:
                 return None
-        from mleps.reproduce_report import collect
+        from mleps_lab.reproduce_report import collect
 
         return collect(self, commands)
+
+
+# -- the command line: python -m mleps_lab.reproduce TASK ... (python scripts/reproduce.py is the same)
+USAGE = """Reproduce the paper's comparisons in one resumable command.
+
+    python scripts/reproduce.py mt                      # the MT comparison, CPU budget (target 100 min; the report times each stage)
+    python scripts/reproduce.py mt --budget tiny --out /tmp/r   # the pipeline in ~2 minutes
+    python scripts/reproduce.py summarization           # AESLC, ROUGE-L, a smaller budget
+    python scripts/reproduce.py scratch                 # MLE, PG and MGS from random weights
+    python scripts/reproduce.py completion_paper        # the paper's completion setting: MGS-LM, 500-token decodes
+
+Killed, it resumes at the first unfinished run when called again with the same arguments.
+Stages and design: mleps_lab/reproduce.py. Writes docs/results/<task>.md (e.g. docs/results/mt.md),
+plots in docs/results/img/ and the numbers in docs/results/<task>.json + .csv.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=USAGE, epilog=PAPER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=list(TASKS))
+    p.add_argument("--budget", default="cpu", choices=["cpu", "tiny", "long", "paper"],
+                   help="long: completion_paper only, fewer arms for longer (with --arms and --base)")
+    p.add_argument("--out", help="run folder (default runs/reproduce/<task>)")
+    p.add_argument("--seeds", type=int, nargs="+", help="arm seeds (default: the budget's, 0 1 2 for mt)")
+    p.add_argument("--base", help="a checkpoint folder to start the arms from (skips the base stage)")
+    p.add_argument("--beams", type=int, nargs="+", help="test decodes' beam sizes (default: the budget's, 1 4)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="an extra arm, calibrated and run like the others, e.g. "
+                        "--arm mgs_line='trainer=mgs trainer.warm_start_steps=0 trainer.line_search_scales=[1,2,4]'")
+    p.add_argument("--calibration-from", metavar="OUT", help="reuse the calibration runs of another --out of the "
+                                                             "same task (seconds per step do not depend on T)")
+    p.add_argument("--arms", nargs="+", help="run only these of the task's arms (mgs among them)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each when > 1")
+    p.add_argument("--results-md", help="default docs/results/<task>.md")
+    p.add_argument("--img-dir", default=str(ROOT / "docs" / "results" / "img"))
+    p.add_argument("--json", help="default docs/results/<task>.json (a .csv is written beside it)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage (base, limits, calibration, lr_search, "
+                                                      "arms, test); no report then")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.budget == "paper":
+        if args.task not in PAPERS:
+            raise UserError(f"--budget paper is documented for {' and '.join(PAPERS)} only")
+        print(PAPERS[args.task])
+        return
+    out = Path(args.out or f"runs/reproduce/{args.task}")
+    md = Path(args.results_md or ROOT / "docs" / "results" / f"{args.task}.md")
+    json_path = Path(args.json or ROOT / "docs" / "results" / f"{args.task}.json")
+    extra = {}
+    for spec in args.arm:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not overrides.strip():
+            raise UserError(f"--arm {spec}: write NAME=OVERRIDES, e.g. --arm mgs_rank='trainer=mgs trainer.weighting=rank'")
+        extra[name.strip()] = shlex.split(overrides)
+    repro = Reproduction(args.task, args.budget, out, seeds=args.seeds, base=args.base, beams=args.beams, jobs=args.jobs,
+                         progress=not args.no_progress, extra_arms=extra, only_arms=args.arms,
+                         calibration_from=args.calibration_from)
+    results = repro.run(until=args.until)
+    if results is None:
+        print(f"stopped after stage {args.until}; run the same command without --until to go on")
+        return
+    from mleps_lab.reproduce_report import write_report
+
+    command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    written = write_report(results, md, Path(args.img_dir), json_path, command)
+    for line in results["verdict"]:
+        print(line)
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,10 +17,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from mleps.reproduce import ROOT, read_events, training_step_s, write_json_atomic
+from mleps.rundir import read_events
+from mleps_lab.runs import ROOT, shown, training_step_s, write_json_atomic
 
 DIAGNOSTICS = ("ess", "guided_weight", "best_improvement", "loss_minus_perturbed_mean")
-# trainer.diagnose_every's held-out statistics (mleps/mgs_summary.py), reported where an arm logged them
+# trainer.diagnose_every's held-out statistics (mleps_lab/mgs_summary.py), reported where an arm logged them
 HELD_OUT = {"rank_corr": "diag_rank_correlation", "taken_minus_blind": "diag_taken_minus_blind"}
 ALPHA = 0.05  # significance level of the verdict
 
@@ -108,6 +109,8 @@ def paired_bootstrap_rows(a: list, b: list, n_samples: int = 1000, seed: int = 1
     """Paired bootstrap over examples of mean(a) - mean(b) (None values left out of their system's mean):
     {"delta", "p", "ci95"}. p is two-sided, sacrebleu's form: (1 + #|resampled Δ - mean resampled Δ| >= |Δ|)
     / (n + 1)."""
+    import warnings
+
     import numpy as np
 
     if len(a) != len(b):
@@ -118,7 +121,8 @@ def paired_bootstrap_rows(a: list, b: list, n_samples: int = 1000, seed: int = 1
     if np.array_equal(x, y, equal_nan=True):
         return {"delta": 0.0, "p": 1.0, "ci95": [0.0, 0.0]}
     index = np.random.default_rng(seed).integers(0, len(x), size=(n_samples, len(x)))
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a resample with no counted output on one side: its Δ is NaN, dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
         resampled = np.nanmean(x[index], axis=1) - np.nanmean(y[index], axis=1)
     resampled = resampled[np.isfinite(resampled)]
     p = (1 + int((np.abs(resampled - resampled.mean()) >= abs(delta)).sum())) / (len(resampled) + 1)
@@ -185,13 +189,11 @@ def run_row(run_dir: Path, higher_is_better: bool = True) -> dict:
 
 
 def recorded_command(run_dir: Path) -> str:
-    """The overrides Hydra saved for the run's last invocation."""
+    """The overrides Hydra saved for the run's last invocation (the driver trains with mleps_lab.train)."""
     from omegaconf import OmegaConf
 
-    from mleps.reproduce import shown
-
     path = run_dir / ".hydra" / "overrides.yaml"
-    return shown(["mleps.train", *OmegaConf.load(path)]) if path.is_file() else "(unknown)"
+    return shown(["mleps_lab.train", *OmegaConf.load(path)]) if path.is_file() else "(unknown)"
 
 
 def _config(run_dir: Path) -> dict:

@@ -1,0 +1,67 @@
+"""Decode a split and score it: what validation (mleps.loop) and `python -m mleps.evaluate` share.
+
+A split (or one process's shard of it) is decoded in length-sorted batches; every task loss adds
+up its statistics over the batches (so processes can sum theirs), and `metric_report` turns the
+summed statistics into the reported numbers: the primary loss's report (a text metric's library
+details), its loss, the secondary metrics' scores, and the references' cross-entropy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from mleps.decoding import decode_sources
+from mleps.families import family_for
+
+
+def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, per_example: list | None = None,
+                     **decode_kwargs):
+    """(hypotheses in dataset order, each metric's summed statistics) for one shard of a split;
+    `decode_kwargs` are mleps.decoding.decode_sources's (source_prefix, max_source_length, columns, ...).
+    With a `per_example` list, it is filled with one dict per output in dataset order: generated tokens,
+    whether it ended with EOS, and each metric's loss of that output alone (metrics with a sentence form)."""
+    hyps = [""] * len(sources)
+    rows: list[dict | None] = [None] * len(sources)
+    stats = [np.zeros(m.num_stats) for m in metrics]
+    for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, references=references, **decode_kwargs):
+        for i, text in zip(idx, decoded.texts):
+            hyps[i] = text
+        stats = [total + m.stats(decoded) for total, m in zip(stats, metrics)]
+        if per_example is not None:
+            losses = {m.name: m.sentence_losses(decoded) for m in metrics if m.has_sentence_form}
+            for n, i in enumerate(idx):
+                rows[i] = {"tokens": decoded.lengths[n], "ended": decoded.ended_with_eos[n],
+                           **{name: values[n] for name, values in losses.items()}}
+    if per_example is not None:
+        per_example.extend(rows)
+    return hyps, stats
+
+
+def reference_cross_entropy(model, tokenized, collate, batch_size: int) -> np.ndarray:
+    """[token cross-entropy summed over the references, tokens] of a tokenized split (no dropout)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate(tokenized[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            loss_sum, n = family_for(model).token_cross_entropy(model, batch)
+            total, tokens = total + float(loss_sum), tokens + n
+    model.train(was_training)
+    return np.array([total, float(tokens)])
+
+
+def metric_report(metrics, stats, hyps, references, cross_entropy_sum: float, tokens: float) -> dict:
+    """The primary metric (its library's details for a text metric), its loss, the secondary metrics'
+    scores and the references' cross-entropy / perplexity."""
+    primary = metrics[0]
+    result = primary.report(stats[0], hyps, references)
+    result["loss"] = primary.loss_from_stats(stats[0])
+    for m, s in zip(metrics[1:], stats[1:]):
+        result[m.name] = m.score_from_stats(s)
+    cross_entropy = cross_entropy_sum / tokens if tokens else float("nan")
+    result.update(cross_entropy=cross_entropy, perplexity=math.exp(min(cross_entropy, 700)))
+    return result
