@@ -109,6 +109,9 @@ def _check_tiny_gpt2(cfg) -> None:
     _check_tiny(cfg)
     m, data, d = cfg.model, cfg.data, cfg.decode
     _at_least(m.max_positions, 2, "model.max_positions")
+    if data.task == "completion" and data.get("sequences", "windows") != "windows" and data.max_sequence_tokens is None:
+        raise UserError(f"data.sequences={data.sequences} with tiny_gpt2 needs data.max_sequence_tokens (a sequence "
+                        f"must fit model.max_positions={m.max_positions}): set e.g. data.max_sequence_tokens=256")
     reference = (data.continuation_tokens + 1 if data.get("sequences", "windows") == "windows" else
                  (data.max_sequence_tokens or 0) - data.prefix_tokens + 1)
     needed = max(data.max_source_length if data.task == "pairs" else data.prefix_tokens, 1) + max(

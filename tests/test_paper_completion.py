@@ -217,6 +217,7 @@ COMPLETION = ["data=completion", "model=tiny_gpt2", "model.vocab_size=300", "mod
     ("trainer.max_length_ratio=0", "trainer.max_length_ratio=0"),
     ("data.max_sequence_tokens=5", "data.max_sequence_tokens=5"),
     ("data.sequences=chapters", "data.sequences=chapters"),
+    ("data.max_sequence_tokens=null", "needs data.max_sequence_tokens"),
 ])
 def test_bad_paper_setting_options_fail_at_start(override, needle, tmp_path, capfd):
     extra = ["metric=lm", "data.sequences=documents", "data.max_sequence_tokens=200"]
