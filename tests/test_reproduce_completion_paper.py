@@ -62,3 +62,24 @@ def test_paired_bootstrap_over_sequences_on_known_differences():
     assert paired_bootstrap_rows([None, 1.0, 3.0], [1.0, 1.0, 1.0])["delta"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same test rows"):
         paired_bootstrap_rows([1.0], [1.0, 2.0])
+
+
+def test_an_arm_subset_with_a_borrowed_calibration(tmp_path):
+    """--arms and --calibration-from: the long budget's runs, without running any."""
+    from mleps.errors import UserError
+    from mleps_lab.reproduce import Reproduction
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    repro = Reproduction("completion_paper", "long", tmp_path / "long", base=base, only_arms=["mgs_blind", "mgs", "mle"],
+                         calibration_from=tmp_path / "cpu")
+    assert repro.task.arms == ["mle", "mgs", "mgs_blind"]  # the task's order
+    assert (repro.budget.train_s, repro.budget.seeds) == (480, (0,))
+    calibration = tmp_path.resolve() / "cpu" / "calibration"
+    assert repro.calibration_dirs() == {rule: [calibration / f"{rule}-r{r}" for r in (0, 1)] for rule in ("mle", "mgs")}
+    for arms in (["mle", "pg"], ["mgs", "nope"]):
+        with pytest.raises(UserError, match="--arms"):
+            Reproduction("completion_paper", "long", tmp_path / "x", base=base, only_arms=arms)
+    with pytest.raises(UserError, match="unknown budget 'long' for mt"):
+        Reproduction("mt", "long", tmp_path / "y")
