@@ -314,10 +314,15 @@ class BatchStream:
             )
         self._perms: dict[int, torch.Tensor] = {}
 
+    @property
+    def units(self) -> int:
+        """What an epoch permutes: rows (TokenBudgetStream: whole batches)."""
+        return len(self.dataset)
+
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.dataset), generator=g)}
+            self._perms = {epoch: torch.randperm(self.units, generator=g)}
         return self._perms[epoch]
 
     def global_indices(self, step: int) -> list[int]:
@@ -378,11 +383,9 @@ class TokenBudgetStream(BatchStream):
             self.batches.append(current)
         self._perms = {}
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.batches), generator=g)}
-        return self._perms[epoch]
+    @property
+    def units(self) -> int:
+        return len(self.batches)
 
     def global_indices(self, step: int) -> list[int]:
         n = len(self.batches)
