@@ -254,7 +254,7 @@ BUDGETS[("completion_paper", "cpu")] = Budget(
           "trainer.max_train_s=1500", "data.max_eval_examples=250"],
     common=[*COMPLETION_MODEL, f"decode.max_new_tokens={PAPER_CPU_LIMIT}"],
     sampling=["trainer.max_length_ratio=1.3", f"trainer.max_new_tokens={PAPER_CPU_LIMIT}"],
-    evaluate=[f"decode.max_new_tokens={PAPER_CPU_LIMIT}", "data.max_eval_examples=250"],
+    evaluate=[f"decode.max_new_tokens={PAPER_CPU_LIMIT}", "data.max_eval_examples=100"],
     notes="tiny_gpt2 at 128 wide, 2 layers (1.4 M parameters) on AESLC email bodies, each email one sequence "
           "ending in EOS (data.sequences=documents; the 17 % longer than 256 tokens dropped and counted, none "
           "of at most 10 tokens), batched by length to at most 4,096 padded tokens (trainer.batch_tokens). "
@@ -263,7 +263,7 @@ BUDGETS[("completion_paper", "cpu")] = Budget(
           "25 minutes. Every other arm fine-tunes on the summed NLL of prompt + greedy continuation under the "
           "frozen base (metric=lm metric.reduction=sum), its training decodes stopped at 1.3 x the batch's "
           "longest reference; arms are validated 3 times on the first 100 validation emails (best by that loss) "
-          f"and tested greedily on the first 250 test emails, decoded to at most {PAPER_CPU_LIMIT} new tokens "
+          f"and tested greedily on the first 100 test emails, decoded to at most {PAPER_CPU_LIMIT} new tokens "
           "(non-termination = no EOS by then), the task loss scored with the base. What this costs in "
           "fidelity: a 1.4 M-parameter model on 1.2 M tokens of email instead of GPT-2 small on WikiText-103, "
           "and minutes of fine-tuning instead of GPU-hours.")
