@@ -412,7 +412,7 @@ class Reproduction:
                 raise UserError(f"--arm {name}={' '.join(overrides)}: name its rule, e.g. --arm {name}='trainer=mgs "
                                 f"trainer.warm_start_steps=0 ...'")
             self.arms[name] = list(overrides)
-            if like := costed_like(overrides, self.arms):
+            if like := costed_like(overrides, {a: o for a, o in self.arms.items() if a != name}):
                 self.cost_of[name] = like
         if extra_arms:
             self.task = dataclasses.replace(self.task, arms=[*self.task.arms, *extra_arms])
