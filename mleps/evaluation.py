@@ -28,9 +28,13 @@ def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics,
     for idx, decoded in decode_sources(model, tokenizer, sources, decode_cfg, references=references, **decode_kwargs):
         for i, text in zip(idx, decoded.texts):
             hyps[i] = text
-        stats = [total + m.stats(decoded) for total, m in zip(stats, metrics)]
-        if per_example is not None:
-            losses = {m.name: m.sentence_losses(decoded) for m in metrics if m.has_sentence_form}
+        if per_example is None:
+            stats = [total + m.stats(decoded) for total, m in zip(stats, metrics)]
+        else:
+            both = [m.stats_and_sentence_losses(decoded) if m.has_sentence_form else (m.stats(decoded), None)
+                    for m in metrics]
+            stats = [total + batch_stats for total, (batch_stats, _) in zip(stats, both)]
+            losses = {m.name: sentence for m, (_, sentence) in zip(metrics, both) if sentence is not None}
             for n, i in enumerate(idx):
                 rows[i] = {"tokens": decoded.lengths[n], "ended": decoded.ended_with_eos[n],
                            **{name: values[n] for name, values in losses.items()}}

@@ -125,6 +125,11 @@ class TaskLoss:
             return np.array([float(sum(losses)), float(len(losses))])
         return np.asarray(self.corpus_stats(decoded), dtype=np.float64)
 
+    def stats_and_sentence_losses(self, decoded) -> tuple[np.ndarray, list[float]]:
+        """`stats` and `sentence_losses` of one batch (evaluate per_example=true wants both); a loss whose
+        two forms share an expensive pass (lm's forward) overrides it to run that pass once."""
+        return self.stats(decoded), self.sentence_losses(decoded)
+
     def loss_from_stats(self, stats) -> float:
         stats = np.asarray(stats, dtype=np.float64)
         return _mean(stats) if self.level == "sentence" else float(self.corpus_loss_from_stats(stats))

@@ -87,9 +87,20 @@ class LMScore(TaskLoss):
         return torch.cat(nll), torch.cat(tokens)
 
     def sentence_losses(self, decoded):
-        nll, tokens = self._nll(decoded)
-        return (nll if self.reduction == "sum" else nll / tokens.clamp(min=1)).tolist()
+        return self._sentence(*self._nll(decoded))
 
     def corpus_stats(self, decoded):
+        return self._corpus(*self._nll(decoded))
+
+    def stats_and_sentence_losses(self, decoded):  # one scoring forward for both
         nll, tokens = self._nll(decoded)
+        losses = self._sentence(nll, tokens)
+        stats = np.array([float(sum(losses)), float(len(losses))]) if self.level == "sentence" else \
+            self._corpus(nll, tokens)
+        return stats, losses
+
+    def _sentence(self, nll, tokens) -> list[float]:
+        return (nll if self.reduction == "sum" else nll / tokens.clamp(min=1)).tolist()
+
+    def _corpus(self, nll, tokens) -> np.ndarray:
         return np.array([float(nll.sum()), float(len(nll) if self.reduction == "sum" else tokens.sum())])
