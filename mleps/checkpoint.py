@@ -1,7 +1,7 @@
 """Atomic checkpoints that plain transformers can load, plus the state to resume exactly.
 
 A checkpoint folder holds `save_pretrained` output (config.json, model.safetensors, the
-tokenizer), `mleps.json` (source prefix, provenance) and, for resuming, `trainer_state.json`
+tokenizer; a LoRA run's base model, with its adapter in adapter/: mleps.adapters), `mleps.json` (source prefix, provenance) and, for resuming, `trainer_state.json`
 (written last: its presence marks a complete folder), `optimizer.pt`/`scheduler.pt`
 (tensors only, read with `weights_only=True`) and `rng.pt` (likewise). Nothing is ever unpickled.
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from mleps import adapters
 from mleps.errors import UserError
 from mleps.models import MLEPS_META
 
@@ -32,7 +33,10 @@ _TEST_SAVE_DELAY = "MLEPS_TEST_SAVE_DELAY_S"  # tests kill the process while a s
 
 
 def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | None = None,
-                    optimizer=None, scheduler=None) -> Path:
+                    optimizer=None, scheduler=None, state_dict: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """state_dict / optimizer_state: the model's and the optimizer's full states when `model` and
+    `optimizer` hold only this process's shard (FSDP, gathered by the caller); None: their own."""
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old"
@@ -40,11 +44,14 @@ def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | No
         folder.parent.mkdir(parents=True, exist_ok=True)
         for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by saves that were killed
             shutil.rmtree(stale, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapters.is_adapted(model):  # the base's files and adapter/
+            adapters.save(model, tmp, state_dict)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / MLEPS_META).write_text(json.dumps(meta, indent=2))
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if state is not None:
@@ -124,8 +131,10 @@ def find_complete(folder: Path) -> Path | None:
     return None
 
 
-def load_training_state(folder: Path, optimizer=None, scheduler=None) -> dict:
+def load_training_state(folder: Path, optimizer=None, scheduler=None, load_optimizer_state=None) -> dict:
     """Restore optimizer, scheduler and RNG states; return the trainer state dict.
+    load_optimizer_state: how the optimizer takes the saved state (FSDP: every process keeps its
+    shard, mleps.distributed); None: optimizer.load_state_dict.
 
     Every file is required: resuming without one would silently not be the same run."""
     def fail(path, e):
@@ -137,11 +146,13 @@ def load_training_state(folder: Path, optimizer=None, scheduler=None) -> dict:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         fail(path, e)
-    for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
-        if obj is not None:
+    loaders = (("optimizer.pt", None if optimizer is None else load_optimizer_state or optimizer.load_state_dict),
+               ("scheduler.pt", None if scheduler is None else scheduler.load_state_dict))
+    for name, load in loaders:
+        if load is not None:
             path = folder / name
             try:
-                obj.load_state_dict(torch.load(path, weights_only=True))
+                load(torch.load(path, weights_only=True))
             except Exception as e:  # missing, truncated, or not tensors-only (weights_only refuses pickles)
                 fail(path, e)
     path = folder / "rng.pt"

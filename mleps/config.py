@@ -75,6 +75,15 @@ class ModelConfig:
     ffn_dim: int = 1024
     dropout: float = 0.1
     max_positions: int = 512  # tiny_gpt2: n_positions (prompt + output tokens)
+    # Any model (mleps.models.prepare_model, docs/models.md):
+    peft: str = "none"  # none: train every weight | lora: train a LoRA adapter only (the peft library)
+    lora_r: int = 8  # the adapter's rank
+    lora_alpha: float = 16.0  # its scale is lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    # modules to adapt, matched on the end of their names, e.g. [q_proj,v_proj]; empty: the
+    # architecture's default (peft's table; Marian: q_proj, v_proj; GPT-2: c_attn)
+    lora_target_modules: List[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 
 @dataclass

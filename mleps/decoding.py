@@ -24,6 +24,8 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     model.eval()
     kwargs = dict(do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                   num_beams=num_beams, length_penalty=length_penalty, temperature=temperature)
+    if _sharded(model):  # FSDP: each forward gathers weights from every process, so all step until all stop
+        kwargs["synced_gpus"] = True
     t0 = time.perf_counter() if GENERATE_OBSERVERS else 0.0
     with torch.no_grad():
         out = family_for(model).generate(model, batch, **kwargs)
@@ -31,6 +33,12 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     for observe in GENERATE_OBSERVERS:
         observe(out, time.perf_counter() - t0)
     return out
+
+
+def _sharded(model) -> bool:
+    """Parameters that are FSDP2 shards (DTensors)."""
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "to_local")
 
 
 def to_texts(tokenizer, ids: torch.Tensor) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from mleps.errors import RanksDiverged, UserError
 
@@ -39,6 +39,34 @@ def on_main_then_broadcast(accelerator, fn):
             raise UserError(outcome[1]).with_code(outcome[2])
         raise ReportedByMain(outcome[1]).with_code(outcome[2])
     return outcome[1]
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP: every process holds a shard of each parameter, not a full copy (DDP)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def local_tensors(model):
+    """This process's own part of each parameter (its shard under FSDP2's DTensors)."""
+    for p in model.parameters():
+        yield p.to_local() if hasattr(p, "to_local") else p
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state for the whole model, gathered from the shards (FSDP; a collective); the
+    main process gets it, keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of full_optimizer_state: every process reads the whole state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _all_reduce(accelerator, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -96,7 +124,7 @@ def parameter_fingerprint(model) -> torch.Tensor:
 
 def check_in_sync(accelerator, model, step: int) -> None:
     """Raise RanksDiverged, on every process, unless every process holds the same parameters."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or is_sharded(accelerator):  # FSDP: one copy, in shards, nothing to compare
         return
     model = accelerator.unwrap_model(model)
     mine = parameter_fingerprint(model).to(accelerator.device)

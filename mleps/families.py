@@ -83,6 +83,7 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.
 class Family:
     name: str
     padding_side: str  # of sources / prompts
+    peft_task_type: str  # the PeftModel class a LoRA adapter wraps the model in (mleps.adapters)
 
     def handles(self, model) -> bool:
         """Whether this adapter serves `model` (unwrapped)."""
@@ -119,7 +120,7 @@ class Family:
 
 @register_family
 class Seq2SeqFamily(Family):
-    name, padding_side = SEQ2SEQ, "right"
+    name, padding_side, peft_task_type = SEQ2SEQ, "right", "SEQ_2_SEQ_LM"
 
     def handles(self, model) -> bool:
         return bool(model.config.is_encoder_decoder)
@@ -154,7 +155,7 @@ class Seq2SeqFamily(Family):
 
 @register_family
 class CausalFamily(Family):
-    name, padding_side = CAUSAL, "left"
+    name, padding_side, peft_task_type = CAUSAL, "left", "CAUSAL_LM"
 
     def handles(self, model) -> bool:
         return not model.config.is_encoder_decoder

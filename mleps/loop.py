@@ -20,6 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from mleps.evaluation import decode_and_score, metric_report, reference_cross_en
 from mleps.families import family_for
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
 from mleps.metrics_config import eval_metrics_from_config, metric_from_config
-from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters
+from mleps.models import load_checkpoint, load_model_and_tokenizer, num_parameters, prepare_model
 from mleps import distributed
 from mleps.schedules import build_scheduler
 from mleps.task_loss import at_level, require_sentence_form
@@ -192,6 +193,8 @@ class Loop:
         if self.accelerator.num_processes != launched:
             raise UserError(f"launched as {launched} processes, but accelerate joined "
                             f"{self.accelerator.num_processes}: on a machine without GPUs pass cpu=true")
+        if distributed.is_sharded(self.accelerator):
+            self._check_sharding()
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
             logging.getLogger("mleps").setLevel(logging.WARNING)
@@ -225,8 +228,10 @@ class Loop:
         else:
             with self.accelerator.main_process_first():  # the main process trains and caches the tokenizer
                 model, tokenizer, self.source_prefix = load_model_and_tokenizer(cfg, train_ds)
+        model = prepare_model(model, cfg.model)  # model.peft, model.gradient_checkpointing
         self.model, self.tokenizer = model.to(self.accelerator.device), tokenizer
-        log.info("model: %s, %.1f M parameters", type(model).__name__, num_parameters(model) / 1e6)
+        log.info("model: %s, %.1f M parameters, %.3g M trainable", type(model).__name__, num_parameters(model) / 1e6,
+                 num_parameters(model, trainable=True) / 1e6)
         check_family_options(cfg.data, family_for(model).name)  # model=hf kind=auto / init_from: known now
         if cfg.data.task == "completion":  # documents -> (prefix, continuation), with the model's tokenizer
             train_ds = completion_pairs(train_ds, tokenizer, cfg.data, "train")
@@ -249,6 +254,17 @@ class Loop:
             raise
         self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
                       "bad_steps_in_a_row": 0}
+
+    def _check_sharding(self) -> None:
+        """FSDP: version 2 (whose parameters stay in their modules, so generate runs on the model as is),
+        and rules that work through the loop's optimizer step."""
+        if not self.accelerator.is_fsdp2:
+            raise UserError("FSDP needs fsdp_version: 2 in the accelerate config (FSDP1's flat parameters cannot "
+                            "generate): use conf/accelerate/fsdp.yaml")
+        for phase in self.phases:
+            if rule_class(phase.trainer.name).needs_whole_parameters:
+                raise UserError(f"trainer={phase.trainer.name} reads and writes whole parameters, which FSDP shards "
+                                f"over the processes: run it with DDP (conf/accelerate/multi_gpu.yaml) or one process")
 
     def _check_task_losses(self) -> None:
         """Bind model-based losses to the model as it starts, and score two training references
@@ -274,6 +290,7 @@ class Loop:
                                       fused=_fused_adamw_supported(self.accelerator.device) or None)
         scheduler = build_scheduler(optimizer, tcfg)
         model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.prepared = model  # the wrapped model, which FSDP's gathering collectives take
         rule_cls = rule_class(tcfg.name)
         rule = rule_cls(cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
                         accelerator=self.accelerator, seed=self.cfg.seed,
@@ -293,10 +310,11 @@ class Loop:
         distributed.check_in_sync(self.accelerator, self.model, step)
         model = self.accelerator.unwrap_model(self.model)
         t0 = time.perf_counter()
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        # Each process decodes every world-th sentence (a shard may be empty); all gather the texts.
         # Each process decodes every world-th sentence (a shard may be empty); the task losses'
         # statistics are summed over processes, the texts gathered for the primary metric's details.
+        # Under FSDP every forward is a collective, so every process decodes every sentence (in step).
+        sharded = distributed.is_sharded(self.accelerator)
+        rank, world = (0, 1) if sharded else (self.accelerator.process_index, self.accelerator.num_processes)
         metrics = [self.eval_metric, *self.secondary_metrics]
         hyps, stats = decode_and_score(model, self.tokenizer, self.val_ds["source"][rank::world],
                                        self.val_ds["references"][rank::world], self.cfg.decode, metrics,
@@ -306,8 +324,10 @@ class Loop:
                                        columns={c: self.val_ds[c][rank::world] for c in extra_columns(self.val_ds)})
         shard = self.val_tokenized.select(range(rank, len(self.val_tokenized), world))
         cross_entropy = reference_cross_entropy(model, shard, self.collate, self.cfg.decode.batch_size)
-        reduced = distributed.sum_array(self.accelerator, np.concatenate([*stats, cross_entropy]))
-        hyps = distributed.gather_shards(self.accelerator, hyps, len(self.val_ds))
+        reduced = np.concatenate([*stats, cross_entropy])
+        if not sharded:
+            reduced = distributed.sum_array(self.accelerator, reduced)
+            hyps = distributed.gather_shards(self.accelerator, hyps, len(self.val_ds))
         result = metric_report(metrics, np.split(reduced[:-2], np.cumsum([m.num_stats for m in metrics])[:-1]),
                                hyps, self.val_ds["references"], *reduced[-2:])
         score = result["score"]
@@ -346,15 +366,23 @@ class Loop:
 
     def save(self, name: str, optimizer=None, scheduler=None) -> None:
         self.accelerator.wait_for_everyone()
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        sharded = distributed.is_sharded(self.accelerator)
+        finite = all(bool(torch.isfinite(p).all()) for p in distributed.local_tensors(self.model))
+        if not (distributed.all_true(self.accelerator, finite) if sharded else finite):
             # A finite step can still overflow a weight; never replace a good checkpoint with it.
             log.warning("step %d: the model has non-finite weights; %s not saved", self.state["step"], name)
-        elif self.is_main:
-            state = dict(self.state, elapsed_s=self._elapsed())
-            save_checkpoint(self.ckpt_dir / name, self.accelerator.unwrap_model(self.model), self.tokenizer,
-                            self.meta(), state=state, optimizer=optimizer, scheduler=scheduler)
-            if name == "last":  # the new run can be resumed: an overwritten one is no longer needed
-                rundir.drop_previous_run(self.run_dir)
+        else:
+            # FSDP: the full weights and optimizer state are gathered from every process's shard (collectives)
+            weights = self.accelerator.get_state_dict(self.prepared) if sharded else None
+            optimizer_state = (distributed.full_optimizer_state(self.prepared, optimizer)
+                               if sharded and optimizer is not None else None)
+            if self.is_main:
+                state = dict(self.state, elapsed_s=self._elapsed())
+                save_checkpoint(self.ckpt_dir / name, self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                self.meta(), state=state, optimizer=optimizer, scheduler=scheduler,
+                                state_dict=weights, optimizer_state=optimizer_state)
+                if name == "last":  # the new run can be resumed: an overwritten one is no longer needed
+                    rundir.drop_previous_run(self.run_dir)
         self.accelerator.wait_for_everyone()
 
     def _elapsed(self) -> float:
@@ -395,8 +423,11 @@ class Loop:
             model, optimizer, scheduler, rule, stream = self._setup_phase(phase)
             if self.resume_from is not None:
                 same_phase = self.state.get("phase") == phase.name
+                sharded = distributed.is_sharded(self.accelerator)
                 load_training_state(self.resume_from, optimizer if same_phase else None,
-                                    scheduler if same_phase else None)
+                                    scheduler if same_phase else None,
+                                    load_optimizer_state=partial(distributed.load_full_optimizer_state, model,
+                                                                 optimizer) if sharded else None)
                 self.resume_from = None
             self.state["phase"] = phase.name
             at_start = self.state["step"] == phase.first_step

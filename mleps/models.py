@@ -92,6 +92,31 @@ def load_model_and_tokenizer(cfg, train_ds=None):
     return (*model_source(cfg.model.name).build(cfg, train_ds), cfg.model.source_prefix)
 
 
+def prepare_model(model, model_cfg):
+    """The one place a model is set up for training as model.peft and model.gradient_checkpointing say,
+    however it came (built, init_from, handed over by mleps.api, or a resumed run's checkpoint)."""
+    from mleps import adapters
+    from mleps.families import family_for
+
+    if model_cfg.get("gradient_checkpointing", False):
+        try:  # non-reentrant: frozen inputs (LoRA's frozen embeddings) still get their gradient path
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        except ValueError as e:
+            raise UserError(f"model.gradient_checkpointing=true: {str(e).splitlines()[0][:200]}: "
+                            f"set model.gradient_checkpointing=false") from None
+    method = model_cfg.get("peft", "none")
+    if adapters.is_adapted(model):  # a LoRA checkpoint (init_from, or this run's own when resuming)
+        if method == "none":
+            log.info("model.peft=none: the checkpoint's LoRA adapter is merged into its weights; every weight trains")
+            return adapters.merged(model)
+        log.info("model.peft=%s: training the checkpoint's own adapter (its rank and targets, not model.lora_*)",
+                 method)
+        return model
+    if method == "lora":
+        return adapters.wrap(model, model_cfg, family_for(model).peft_task_type)
+    return model
+
+
 def _check_tiny(cfg) -> None:
     """The tiny models' sizes."""
     m = cfg.model
@@ -272,7 +297,10 @@ def from_pretrained(name_or_path: str, trust_remote_code: bool = False, kind: st
 
 
 def load_checkpoint(path: str, trust_remote_code: bool = False):
-    """(model, tokenizer, mleps metadata) from a folder written by `save_pretrained`."""
+    """(model, tokenizer, mleps metadata) from a folder written by `save_pretrained` (and, for a LoRA
+    run's checkpoint, its adapter: mleps.adapters)."""
+    from mleps import adapters
+
     folder = data_path(path)
     if not folder.is_dir():
         raise UserError(f"checkpoint not found: {folder}")
@@ -284,6 +312,8 @@ def load_checkpoint(path: str, trust_remote_code: bool = False):
         )
     try:
         model, tokenizer = from_pretrained(str(folder), trust_remote_code)
+        if adapters.has_adapter(folder):
+            model = adapters.load(model, folder)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001  (safetensors, transformers and tokenizers raise many types)
@@ -323,5 +353,5 @@ def _check_vocab(model, tokenizer, where) -> None:
         )
 
 
-def num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def num_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

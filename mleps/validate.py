@@ -12,6 +12,7 @@ import dataclasses
 from omegaconf import OmegaConf
 
 from mleps.data import LOSS_ON, SEQUENCES, TASKS
+from mleps import adapters
 from mleps.errors import UserError
 from mleps.checks import _at_least, _finite
 from mleps.models import model_source
@@ -90,6 +91,7 @@ def validate_train_config(cfg, phases) -> None:
         _at_least(data[key], 2, f"data.{key}")
     _check_task(data, cfg.model, cfg.init_from)
     model_source(cfg.model.name).check(cfg)  # the model=<name> option's own sizes and names
+    adapters.check_config(cfg.model)  # model.peft, model.lora_*
     if cfg.mixed_precision == "fp16":
         # fp16 needs a loss scaler around every rule's backward (MGS writes .grad itself) and in
         # the checkpoint; bf16 needs neither.

@@ -6,6 +6,7 @@
     python scripts/bench_step.py --quick --tiny-test   # seconds: a smoke run on a toy model
     python scripts/bench_step.py --task-losses   # each task loss's scoring share of an MGS step (tiny, batch 64)
     python scripts/bench_step.py --population --tiny   # batched vs sequential population decoding, K = 4, 16
+    python scripts/bench_step.py --peft          # the MGS step: whole model vs a LoRA adapter (time, memory)
 
 What is measured (per model, on Multi30k de->en batches of --batch-size, default 64):
   mle          the MLE step (token cross-entropy, backward, AdamW)
@@ -31,6 +32,15 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs after malloc_trim) o
 "step" is the peak minus what was resident just before the step.
 
 The last line of output is one JSON object with the ratios (see RATIO_KEYS).
+
+--peft measures only the MGS step (conf/trainer/mgs.yaml, K = --num-samples) on the whole model
+against the same warm model with a LoRA adapter (model.peft=lora, rank --lora-r, the default
+targets q_proj/v_proj; mleps.models.prepare_model), in rotating rounds. Memory per variant: the
+measured peak of the step as above (on CPU the resident high-water mark, which also counts the
+allocator's slack) and "state": the bytes the trainable set costs by construction, parameters +
+.grad + AdamW's two moments + MGS's one copy of θ (4 x 4 bytes per fp32 trainable parameter),
+which is exact on any device. The JSON line holds lora / full ratios (< 1: LoRA is cheaper).
+    python scripts/bench_step.py --peft          # tiny_marian and the 6-layer 512-wide Marian
 
 --population measures only trainer.decode_population (mleps.population), per model and K in
 --population-k (default 4 16): the K+1 greedy decodes of the batch, sequential (K+1 `generate`
@@ -534,6 +544,90 @@ def measure_population(size: str, args, shared, device, log) -> dict:
     return result
 
 
+def measure_peft(size: str, args, shared, device, log) -> dict:
+    """The MGS step on the whole model and on a LoRA adapter of the same warm model: time and memory."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from mleps.models import prepare_model
+    from mleps.trainers import build_rule
+
+    tokenizer, train_ds, collate, metric = shared
+    full = warm_model(size, args, tokenizer, train_ds, collate, device, log)
+    torch.manual_seed(0)
+    lora = prepare_model(copy.deepcopy(full), OmegaConf.merge(model_cfg(size), {
+        "peft": "lora", "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r})).to(device)
+    g = torch.Generator().manual_seed(97)
+    order = torch.randperm(len(train_ds), generator=g).tolist()
+    batches = [to_device(collate(train_ds[order[i * args.batch_size:(i + 1) * args.batch_size]]), device)
+               for i in range(args.rounds + 2)]
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    variants = {}
+    for name, model in (("full", full), ("lora", lora)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98))
+        for p in params:  # AdamW's state exists before the first measured step
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        cfg = trainer_cfg("mgs", num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
+        rule = build_rule("mgs", cfg=cfg, model=model, tokenizer=tokenizer, metric=metric, accelerator=accelerator,
+                          seed=0, optimizer=optimizer)
+        trainable = sum(p.numel() for p in params)
+        variants[name] = dict(model=model, params=params, optimizer=optimizer, rule=rule, trainable=trainable,
+                              snapshot=[p.detach().clone() for p in params],
+                              state_bytes=4 * sum(p.numel() * p.element_size() for p in params))
+
+    def restore(v):
+        with torch.no_grad():
+            torch._foreach_copy_(v["params"], v["snapshot"])
+        v["optimizer"].zero_grad(set_to_none=True)
+        v["model"].train()
+
+    def step(v, batch):
+        v["rule"].step(batch, 1)
+        v["rule"].apply(v["optimizer"])
+
+    times = {name: [] for name in variants}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        names = list(variants)[r % 2:] + list(variants)[:r % 2]
+        for name in names:
+            restore(variants[name])
+            sync()
+            t0 = time.perf_counter()
+            step(variants[name], batches[r])
+            sync()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+        if r:
+            log(f"[{size}] peft round {r}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in variants))
+    result = {"size": size, "batch_size": args.batch_size, "rounds": args.rounds, "lora_r": args.lora_r,
+              "num_samples": args.num_samples, "variants": {}}
+    for name, v in variants.items():
+        restore(v)
+        with PeakMemory(device) as mem:
+            step(v, batches[-1])
+        result["variants"][name] = {"step_s": statistics.median(times[name]), "trainable": v["trainable"],
+                                    "state_bytes": v["state_bytes"], "peak_bytes": mem.peak,
+                                    "step_bytes": mem.peak - mem.before}
+        restore(v)
+    full_r, lora_r = result["variants"]["full"], result["variants"]["lora"]
+    for key in ("step_s", "state_bytes", "peak_bytes", "step_bytes"):
+        result[f"lora_over_full_{key}"] = lora_r[key] / full_r[key] if full_r[key] else float("nan")
+    return result
+
+
+def print_peft(result: dict, device) -> None:
+    print(f"\n== {result['size']}: MGS step, whole model vs LoRA r={result['lora_r']} on {device}, batch "
+          f"{result['batch_size']}, K={result['num_samples']}, medians of {result['rounds']} rounds ==")
+    print(f"{'variant':<8} {'trainable':>11} {'step s':>8} {'state MB':>9} {'peak MB':>9} {'step MB':>9}")
+    for name, r in result["variants"].items():
+        print(f"{name:<8} {r['trainable']:>11,} {r['step_s']:>8.3f} {r['state_bytes'] / 2**20:>9.1f} "
+              f"{r['peak_bytes'] / 2**20:>9.1f} {r['step_bytes'] / 2**20:>9.1f}")
+    print(f"lora/full: step time {result['lora_over_full_step_s']:.3f}, state {result['lora_over_full_state_bytes']:.4f}, "
+          f"peak {result['lora_over_full_peak_bytes']:.3f}")
+
+
 def print_population(result: dict, device) -> None:
     print(f"\n== {result['size']}: population decoding on {device}, batch {result['batch_size']}, "
           f"medians of {result['rounds']} rounds ==")
@@ -633,6 +727,8 @@ def main(argv=None) -> dict:
     p.add_argument("--population", action="store_true",
                    help="only time trainer.decode_population=batched against sequential (decode and MGS step)")
     p.add_argument("--population-k", type=int, nargs="+", default=[4, 16], help="K values for --population")
+    p.add_argument("--peft", action="store_true", help="only the MGS step on the whole model against a LoRA adapter")
+    p.add_argument("--lora-r", type=int, default=8, help="the adapter's rank for --peft (lora_alpha = 2 r)")
     args = p.parse_args(argv)
     args.batch_size_default = "--batch-size" not in (argv if argv is not None else sys.argv)
     if args.tiny_test:
@@ -698,6 +794,10 @@ def main(argv=None) -> dict:
             results.append(measure_population(size, args, shared, device, log))
             print_population(results[-1], device)
             continue
+        if args.peft:
+            results.append(measure_peft(size, args, shared, device, log))
+            print_peft(results[-1], device)
+            continue
         result = measure(size, args, shared, device, log)
         results.append(result)
         print_table(result, device)
@@ -709,8 +809,12 @@ def main(argv=None) -> dict:
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     summary = {}
     for result in results:
-        rat = ratios(result) if "rows" in result else {
-            f"k{k}_{key}": value for k, r in result["k"].items() for key, value in r.items() if "_over_" in key}
+        if "rows" in result:
+            rat = ratios(result)
+        elif "variants" in result:  # --peft
+            rat = {key: value for key, value in result.items() if "_over_" in key}
+        else:  # --population
+            rat = {f"k{k}_{key}": value for k, r in result["k"].items() for key, value in r.items() if "_over_" in key}
         prefix = "" if result is results[0] else result["size"] + "_"
         for key, value in rat.items():
             summary[prefix + key] = value

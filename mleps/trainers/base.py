@@ -111,6 +111,8 @@ class UpdateRule:
     needs_sentence_loss  the task loss must score each output on its own (checked at start)
     needs_optimizer      the rule is built with the phase's optimizer (MGS centres proposals on its step)
     clip_in_loop         the loop clips .grad to trainer.max_grad_norm before apply()
+    needs_whole_parameters  the rule reads and writes whole parameters itself (MGS perturbs them in
+                         place), so it cannot run on FSDP's shards (refused at start)
 
     `probes` are optional per-step hooks a rule may call for measurements (MGS calls
     mleps.trainers.mgs.SearchProbe's); the loop passes what its callbacks supply.
@@ -121,6 +123,7 @@ class UpdateRule:
     needs_sentence_loss = False
     needs_optimizer = False
     clip_in_loop = True
+    needs_whole_parameters = False
     needs_every_micro_batch = False  # True: update() gets the step's whole global batch on every process
 
     def __init__(self, cfg, model, tokenizer, metric, accelerator, seed: int = 0, optimizer=None, probes=()):

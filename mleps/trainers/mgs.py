@@ -152,6 +152,7 @@ class MGS(UpdateRule):
     name, schema = "mgs", MGSConfig
     needs_optimizer = True  # guide=optimizer: μ is the optimizer's own next step
     clip_in_loop = False  # the guide is clipped before the search; Δθ* is used as it comes
+    needs_whole_parameters = True  # perturbs θ in place, stacks it for population decoding
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
