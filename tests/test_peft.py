@@ -40,8 +40,9 @@ def pairs(tmp_path_factory, multi30k_rows):
 
 
 def local(pairs, family: str = "seq2seq") -> list[str]:
-    data = ["data=local", f"data.train_file={pairs}/train.jsonl", f"data.validation_file={pairs}/validation.jsonl"]
-    return data + (["data.source_column=de", "data.target_column=en"] if family == "seq2seq" else [])
+    """The pair files as the run's data: de -> en pairs, or (causal) documents of the English side."""
+    files = [f"data.train_file={pairs}/train.jsonl", f"data.validation_file={pairs}/validation.jsonl"]
+    return ["data=local", *files, "data.source_column=de", "data.target_column=en"] if family == "seq2seq" else files
 
 
 def config(pairs, run_dir, family: str, rule: str, *extra: str):
