@@ -76,14 +76,26 @@ def test_two_steps_of_every_rule_with_gradient_checkpointing(pairs, tmp_path, ru
     assert loop.model.is_gradient_checkpointing
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's state is one per process: an earlier test's mixed_precision=no would stick."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.parametrize("rule", RULES)
-def test_two_steps_of_every_rule_in_bf16(pairs, tmp_path, rule):
+def test_two_steps_of_every_rule_in_bf16(pairs, tmp_path, rule, fresh_accelerator_state):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     try:
         Accelerator(cpu=True, mixed_precision="bf16")
     except (ValueError, RuntimeError) as e:
         pytest.skip(f"accelerate refuses bf16 on this CPU: {e}")
+    AcceleratorState._reset_state()  # the loop builds its own
     loop = two_steps_move_the_weights(pairs, tmp_path, rule, "mixed_precision=bf16")
     assert loop.accelerator.mixed_precision == "bf16"
     assert all(p.dtype == torch.float32 for p in loop.model.parameters()), "bf16 autocast keeps the weights fp32"
