@@ -167,8 +167,8 @@ def test_a_given_start_model_is_the_reference(accelerator):  # noqa: F811
 
 # An untrained model's samples all score the same (BLEU 0, edit distance 1), and a group of equal rewards
 # has no gradient: the MLE mix moves the weights away from the reference, so the KL term has work to do.
-GRPO = ["trainer=grpo", "metric=edit", "trainer.mle_mix=0.5", *TINY_CLI, "trainer.batch_size=4", "trainer.num_samples=2", "trainer.max_new_tokens=8",
-        "trainer.log_every=1", "trainer.eval_every=100", "trainer.save_every=1", "trainer.lr=1e-2",
+GRPO = ["trainer=grpo", "metric=edit", "trainer.mle_mix=0.5", *TINY_CLI, "trainer.batch_size=4", "trainer.num_samples=2",
+        "trainer.max_new_tokens=8", "trainer.log_every=1", "trainer.eval_every=100", "trainer.save_every=1", "trainer.lr=1e-2",
         "data.max_train_examples=32", "data.max_eval_examples=4", "decode.max_new_tokens=8"]
 
 

@@ -51,7 +51,7 @@ from mleps.decoding import decoded_batch, generate
 from mleps.errors import UserError
 from mleps.trainers.base import Shard, register_rule
 from mleps.trainers.sequences import (SequenceSamplingConfig, SequenceSamplingRule, distinct_per_source,
-                                      sample, sequence_log_probs, token_log_probs, trim)
+                                      sample, token_log_probs, trim)
 
 BASELINES = ("loo", "group", "greedy", "none")
 SCALE_REWARDS = ("none", "group", "batch")
@@ -175,19 +175,17 @@ class PolicyGradient(SequenceSamplingRule):
         # -- the surrogate loss and its gradient
         t0 = time.perf_counter()
         source_index = torch.arange(num_sources, device=ids.device).repeat_interleave(k)
-        if self.reference is None:
-            log_probs, lengths = sequence_log_probs(self.model, batch, ids, source_index, self.eos)
-        else:
-            token_lp, mask = token_log_probs(self.model, batch, ids, source_index, self.eos)
-            with torch.no_grad():
-                ref_lp, _ = token_log_probs(self.reference, batch, ids, source_index, self.eos)
-            log_probs, lengths = token_lp.sum(1), mask.sum(1)
-            kl = k3_kl(token_lp, ref_lp, mask)
+        token_lp, mask = token_log_probs(self.model, batch, ids, source_index, self.eos)
+        log_probs, lengths = token_lp.sum(1), mask.sum(1)
         # Means over the global batch: each source's K samples, averaged over sources (Shard).
         pg_loss_sum = reinforce_loss(log_probs, advantages.flatten()) * num_sources
-        loss_sum = pg_loss_sum
+        loss_sum, kl_stats = pg_loss_sum, {}
         if self.reference is not None:
-            loss_sum = loss_sum + cfg.kl_coef * kl.mean() * num_sources
+            with torch.no_grad():
+                ref_lp, _ = token_log_probs(self.reference, batch, ids, source_index, self.eos)
+            kl = k3_kl(token_lp, ref_lp, mask).mean()
+            loss_sum = loss_sum + cfg.kl_coef * kl * num_sources
+            kl_stats = {"kl": kl.item()}
         cross_entropy = self.backward_with_mle_mix(batch, shard, loss_sum, num_sources)
         pg_loss = pg_loss_sum.detach() / num_sources
         loss = loss_sum.detach() / num_sources + cfg.mle_mix * cross_entropy
@@ -200,6 +198,6 @@ class PolicyGradient(SequenceSamplingRule):
             "baseline_mean": baseline.mean().item(), "advantage_std": advantages.std(unbiased=False).item(),
             "log_prob_mean": log_probs.mean().item(), "sample_len": lengths.float().mean().item(),
             "distinct_per_source": distinct_per_source(trim(ids, self.eos), k),
-            **({"kl": kl.mean().item()} if self.reference is not None else {}),
+            **kl_stats,
             "sample_s": sample_s, "score_s": score_s, "backward_s": backward_s,
         }
