@@ -176,19 +176,27 @@ def train_events(run):
     return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "train"]
 
 
-def test_grpo_trains_tiny_marian_and_resumes_with_the_same_reference(tmp_path, capfd, data_dir):
+def straight_run(run, capfd):
+    code, _, err = run_main("mleps.train", *GRPO, "trainer.max_steps=2", f"output_dir={run}", capfd=capfd)
+    assert code == 0, err
+    return load_file(run / "checkpoints" / "last" / "model.safetensors")
+
+
+def test_grpo_trains_tiny_marian(tmp_path, capfd, data_dir):
+    last = straight_run(tmp_path / "run", capfd)
+    events = train_events(tmp_path / "run")
+    assert [e["step"] for e in events] == [1, 2] and events[0]["kl"] == 0.0 and events[1]["kl"] > 0
+    start = load_file(tmp_path / "run" / "checkpoints" / "main_start" / "model.safetensors")
+    assert sum(not torch.equal(start[k], last[k]) for k in last) > len(last) // 2, "the weights trained"
+
+
+@pytest.mark.slow
+def test_grpo_resumes_with_the_same_reference(tmp_path, capfd, data_dir):
     """Two steps straight, against one step, a stop, and a resume for the second: bit-identical weights.
     The resumed run's reference must be the phase's start (checkpoints/main_start), not the step-1 weights
     it resumes from, or the second step's KL gradient differs."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    code, _, err = run_main("mleps.train", *GRPO, "trainer.max_steps=2", f"output_dir={straight}", capfd=capfd)
-    assert code == 0, err
-    events = train_events(straight)
-    assert [e["step"] for e in events] == [1, 2] and events[0]["kl"] == 0.0 and events[1]["kl"] > 0
-    start = load_file(straight / "checkpoints" / "main_start" / "model.safetensors")
-    last = load_file(straight / "checkpoints" / "last" / "model.safetensors")
-    assert sum(not torch.equal(start[k], last[k]) for k in last) > len(last) // 2, "the weights trained"
-
+    last = straight_run(tmp_path / "straight", capfd)
+    resumed = tmp_path / "resumed"
     code, _, err = run_main("mleps.train", *GRPO, "trainer.max_steps=1", f"output_dir={resumed}", capfd=capfd)
     assert code == 0, err
     code, _, err = run_main("mleps.train", *GRPO, "trainer.max_steps=2", "resume=true", f"output_dir={resumed}",

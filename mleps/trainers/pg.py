@@ -181,7 +181,7 @@ class PolicyGradient(SequenceSamplingRule):
         pg_loss_sum = reinforce_loss(log_probs, advantages.flatten()) * num_sources
         loss_sum, kl_stats = pg_loss_sum, {}
         if self.reference is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():  # the precision the prepared policy runs at
                 ref_lp, _ = token_log_probs(self.reference, batch, ids, source_index, self.eos)
             kl = k3_kl(token_lp, ref_lp, mask).mean()
             loss_sum = loss_sum + cfg.kl_coef * kl * num_sources
