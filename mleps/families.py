@@ -229,6 +229,13 @@ def sequence_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torc
     One teacher-forced pass for all rows; sources are repeated rather than encoded once, so
     the call goes through the (possibly DDP-wrapped) model like any forward.
     """
+    log_probs, mask = token_log_probs(model, batch, ids, source_index, eos, lengths)
+    return log_probs.sum(1), mask.sum(1)
+
+
+def token_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torch.Tensor, eos: list[int],
+                    lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_log_probs token by token: (N, T-1) log p of each label (0 past a row's end) and its mask."""
     labels = ids[:, 1:]
     mask = label_mask(labels, eos)
     if lengths is not None:
@@ -238,4 +245,4 @@ def sequence_log_probs(model, batch: dict, ids: torch.Tensor, source_index: torc
     # cross_entropy with ignore_index leaves 0 at padding and never builds a full log-softmax copy.
     token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~mask, -100).flatten(),
                                 ignore_index=-100, reduction="none")
-    return -token_nll.view_as(labels).sum(1), mask.sum(1)
+    return -token_nll.view_as(labels), mask

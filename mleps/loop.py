@@ -295,10 +295,24 @@ class Loop:
         rule = rule_cls(cfg=tcfg, model=model, tokenizer=self.tokenizer, metric=self.metric,
                         accelerator=self.accelerator, seed=self.cfg.seed,
                         optimizer=optimizer if rule_cls.needs_optimizer else None,
-                        probes=[p for callback in self.callbacks for p in callback.probes(self, phase)])
+                        probes=[p for callback in self.callbacks for p in callback.probes(self, phase)],
+                        start_model=self._start_model(phase) if rule_cls.needs_start_model(tcfg) else None)
         stream = batch_stream(self.train_ds, tcfg, rule.rows_per_micro_batch, self.cfg.seed,
                               self.accelerator.process_index, self.accelerator.num_processes)
         return model, optimizer, scheduler, rule, stream
+
+    def _start_model(self, phase: Phase):
+        """The weights `phase` started from, when a resume lands inside it (None at its start: the rule
+        copies the model as it is). Saved at the phase's start (run), so the resumed run is the same run."""
+        if self.state["step"] <= phase.first_step:
+            return None
+        folder = find_complete(self.ckpt_dir / f"{phase.name}_start")
+        if folder is None:
+            raise UserError(f"trainer={phase.trainer.name} keeps the model its phase started from, but "
+                            f"{self.ckpt_dir / (phase.name + '_start')} is missing: start the run again "
+                            f"(overwrite=true) instead of resuming it")
+        return load_checkpoint(str(folder), trust_remote_code=self.cfg.model.trust_remote_code)[0].to(
+            self.accelerator.device)
 
     def on_device(self, rows: dict) -> dict:
         return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in rows.items()}
@@ -435,6 +449,8 @@ class Loop:
                 self.state["evals_without_improvement"] = 0
             if at_start and phase.name == "main" and phase.first_step > 0:
                 self.save("warm_start")  # the common starting point for comparing rules (init_from=...)
+            if at_start and rule.needs_start_model(phase.trainer):
+                self.save(f"{phase.name}_start")  # what a resume within the phase hands back to the rule
             if at_start and phase.name == "main":  # a warm start begins from random weights: nothing to measure
                 if self.state.get("last_eval_step") != self.state["step"]:
                     self.evaluate(self.state["step"], phase)

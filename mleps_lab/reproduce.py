@@ -51,6 +51,9 @@ TINY_MODEL = ["model.vocab_size=300", "model.d_model=32", "model.layers=1", "mod
 ARMS = {
     "mle": ["trainer=mle", "trainer.schedule=constant", "trainer.warmup_steps=0"],
     "pg": ["trainer=pg"],
+    # GRPO (trainer=grpo: group-normalised advantages, k3 KL to the start model): its own calibration, since
+    # the frozen reference's forward makes its step dearer than pg's
+    "grpo": ["trainer=grpo"],
     "mrt": ["trainer=mrt"],
     "mgs": ["trainer=mgs", "trainer.warm_start_steps=0"],
     # The same rule with uniform weights: with alpha = 1e9 every perturbation weighs the same
@@ -118,7 +121,7 @@ PAPER_ARMS = {
 }
 
 TASKS = {
-    "mt": Task("mt", "multi30k_de_en", "bleu", [], ["mle", "pg", "mrt", "mgs", "mgs_blind"]),
+    "mt": Task("mt", "multi30k_de_en", "bleu", [], ["mle", "pg", "grpo", "mrt", "mgs", "mgs_blind"]),
     # The base stops on validation cross-entropy: its ROUGE-L is a few points early in training and
     # jumps by more than its trend between evaluations, so stopping on it fired at step 800 (best
     # 3.99 at step 200) while the cross-entropy was still falling fast.
@@ -131,7 +134,8 @@ TASKS = {
                                                                           "perplexity", "mean_words")}},
                        evaluate=["eval.metrics=[repetition,nontermination,edit,length]"]),
     "completion_paper": Task(
-        "completion_paper", "completion", "lm", COMPLETION_PAPER, ["mle", "pg", "mrt", "mgs", "mgs_blind", "mgs_default"],
+        "completion_paper", "completion", "lm", COMPLETION_PAPER,
+        ["mle", "pg", "grpo", "mrt", "mgs", "mgs_blind", "mgs_default"],
         higher_is_better=False, base_select="cross_entropy",
         test_keys={"score": "task_loss", **{k: k for k in ("seq_rep", "repetition", "nontermination", "perplexity",
                                                            "mean_tokens")}},
@@ -302,7 +306,7 @@ PAPER_COMPLETION = """\
   base     trainer=mle fine-tuned to its validation perplexity optimum (eval.select=cross_entropy,
            trainer.patience=5)
   arms     trainer=mgs_paper (MGS-LM: metric=lm metric.reduction=sum, scored by the frozen base),
-           its uniform-weight twin, trainer=mgs, PG and MRT on the same loss, MLE continued for the
+           its uniform-weight twin, trainer=mgs, PG, GRPO and MRT on the same loss, MLE continued for the
            same wall time, 5 seeds; decode.max_new_tokens=500 trainer.max_new_tokens=1000
            trainer.max_length_ratio=1.3; validation on 250 sequences, patience 5
   report   seq-rep-4 per continuation and pooled, non-termination, mean length, the references'

@@ -333,12 +333,12 @@ def verdict(results: dict) -> list[str]:
     sig = results.get("significance")
     if not sig:
         return []
-    name = {"mle": "continued MLE", "pg": "PG", "mrt": "MRT", "mgs_blind": "MGS-blind", "mgs": "MGS"}
+    name = {"mle": "continued MLE", "pg": "PG", "grpo": "GRPO", "mrt": "MRT", "mgs_blind": "MGS-blind", "mgs": "MGS"}
     key, metric = ("bleu", "BLEU") if results["metric"] == "bleu" else ("chrf", "chrF")
     sentences = []
     for b, seeds in sig.items():
         label = b.replace("_", " ")
-        for other in ("mle", "pg", "mrt", "mgs_blind"):
+        for other in ("mle", "pg", "grpo", "mrt", "mgs_blind"):
             # "a vs b": b was the bootstrap's baseline, delta = a - b.
             pair, sign = ("mgs vs mle", 1) if other == "mle" else (f"{other} vs mgs", -1)
             found = [seeds[s][pair][key] for s in seeds if pair in seeds[s]]
@@ -394,7 +394,7 @@ def completion_verdict(results: dict) -> list[str]:
         change = ppl / base["perplexity"] - 1
         sentences.append(f"At {label}: the references' perplexity under MGS is {ppl:.2f} against {base['perplexity']:.2f} "
                          f"({100 * change:+.1f} %, {'within' if change <= 0.10 else 'beyond'} the +10 % allowed).")
-        for other in ("mgs_blind", "pg", "mrt", "mle"):
+        for other in ("mgs_blind", "pg", "grpo", "mrt", "mle"):
             if other in arms and "task_loss_greedy" in arms[other]:
                 a, o = mgs["task_loss_greedy"][0], arms[other]["task_loss_greedy"][0]
                 sentences.append(f"At {label}: MGS's test task loss {a:.4f} is "
@@ -417,7 +417,7 @@ def completion_paper_verdict(results: dict) -> list[str]:
     if base is None:
         return []
     names = {"mle": "continued MLE", "mgs_blind": "MGS-blind", "mgs_default": "MGS-LM (default proposal)",
-             "pg": "PG-LM", "mrt": "MRT-LM"}
+             "pg": "PG-LM", "grpo": "GRPO-LM", "mrt": "MRT-LM"}
     degenerate = base["nontermination"] >= 0.10 or base["seq_rep"] >= 0.30
     sentences = [f"The MLE base {'degenerates' if degenerate else 'does not degenerate'} at the test decode limit: "
                  f"non-termination {base['nontermination']:.3f} (bar >= 0.10), seq-rep-4 per continuation "
@@ -438,7 +438,7 @@ def completion_paper_verdict(results: dict) -> list[str]:
                          f"{base['perplexity']:.2f} ({100 * change:+.1f} %, {'within' if change <= 0.10 else 'beyond'} "
                          f"the +10 % allowed).")
         seeds = (results.get("paired") or {}).get(b, {})
-        for other in ("mgs_blind", "mle", "mgs_default", "pg", "mrt"):
+        for other in ("mgs_blind", "mle", "mgs_default", "pg", "grpo", "mrt"):
             for key, what, digits_ in (("task_loss", "task loss (summed NLL)", 2), ("seq_rep", "seq-rep-4", 3),
                                        ("nontermination", "non-termination", 3)):
                 found = [seeds[s][f"mgs vs {other}"][key] for s in seeds if f"mgs vs {other}" in seeds[s]]
@@ -510,12 +510,13 @@ def examples_markdown(examples: list[dict]) -> list[str]:
     return lines
 
 
-STANDARD_ARMS = ("mle", "pg", "mrt", "mgs", "mgs_blind")
-ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "mrt": "MRT", "mgs": "MGS", "mgs_blind": "MGS-blind (uniform weights)"}
+STANDARD_ARMS = ("mle", "pg", "grpo", "mrt", "mgs", "mgs_blind")
+ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "grpo": "GRPO", "mrt": "MRT", "mgs": "MGS",
+             "mgs_blind": "MGS-blind (uniform weights)"}
 
 
 PAPER_ARM_NAMES = {"mgs": "MGS-LM (paper's proposal)", "mgs_blind": "MGS-LM-blind (uniform weights)",
-                   "mgs_default": "MGS-LM (default proposal)", "pg": "PG-LM", "mrt": "MRT-LM"}
+                   "mgs_default": "MGS-LM (default proposal)", "pg": "PG-LM", "grpo": "GRPO-LM", "mrt": "MRT-LM"}
 
 
 def arm_names(results: dict) -> dict[str, str]:

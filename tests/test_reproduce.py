@@ -76,14 +76,14 @@ def test_step_counts_come_from_the_calibration(tmp_path):
     """steps_r = round(T / s_r), from the mean step_s of the calibration runs (their first step left out)."""
     repro = Reproduction("mt", "tiny", tmp_path)
     for rule, dirs in repro.calibration_dirs().items():
-        seconds = {"mle": 0.1, "pg": 0.5, "mrt": 0.4, "mgs": 0.3}[rule]
+        seconds = {"mle": 0.1, "pg": 0.5, "grpo": 0.6, "mrt": 0.4, "mgs": 0.3}[rule]
         for d in dirs:
             d.mkdir(parents=True)
             events = [{"step": 1, "split": "train", "step_s": 9.0}] + \
                      [{"step": s, "split": "train", "step_s": seconds} for s in (2, 3)]
             (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    assert repro.steps_for_time() == {"mle": 10, "pg": 2, "mrt": 2, "mgs": 3, "mgs_blind": 3}
-    assert repro.arm_steps()["equal_steps"] == {a: 3 for a in ("mle", "pg", "mrt", "mgs", "mgs_blind")}
+    assert repro.steps_for_time() == {"mle": 10, "pg": 2, "grpo": 2, "mrt": 2, "mgs": 3, "mgs_blind": 3}
+    assert repro.arm_steps()["equal_steps"] == {a: 3 for a in ("mle", "pg", "grpo", "mrt", "mgs", "mgs_blind")}
 
 
 def _reproduce(tmp_path, *extra):
@@ -105,7 +105,7 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path, data_dir):
     md = (docs / "results.md").read_text()
     # every arm x seed x budget ran, was tested greedy and beam 4, and reached the table
     assert {(r["budget"], r["arm"], r["seed"]) for r in results["runs"]} == {
-        (b, a, s) for b in ("equal_time", "equal_steps") for a in ("mle", "pg", "mrt", "mgs", "mgs_blind")
+        (b, a, s) for b in ("equal_time", "equal_steps") for a in ("mle", "pg", "grpo", "mrt", "mgs", "mgs_blind")
         for s in (0,)}
     for r in results["runs"]:
         assert set(r["test"]) == {"greedy", "beam4"} and r["test"]["greedy"]["n"] == 32
@@ -185,7 +185,7 @@ def test_an_extra_arm_that_changes_only_weights_or_noise_shares_mgs_calibration(
         "mirrored": [*mgs, "trainer.antithetic=true"],  # the same K decodes, the noise drawn in pairs
         "big_k": [*mgs, "trainer.num_samples=8"]})
     assert repro.cost_of == {"mgs_blind": "mgs", "wide": "mgs", "wide_blind": "mgs", "mirrored": "mgs"}
-    assert repro.calibration_rules() == ["mle", "pg", "mrt", "mgs", "big_k"]  # more samples cost more: timed
+    assert repro.calibration_rules() == ["mle", "pg", "grpo", "mrt", "mgs", "big_k"]  # more samples cost more: timed
 
 
 def test_an_oracle_arm_is_calibrated_itself_and_keeps_its_validation_rows(tmp_path):

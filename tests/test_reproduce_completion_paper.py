@@ -24,7 +24,7 @@ def test_tiny_completion_paper_reproduction(tmp_path, data_dir):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((docs / "c.json").read_text())
-    arms = {"mgs", "mgs_blind", "mgs_default", "mle", "mrt", "pg"}
+    arms = {"mgs", "mgs_blind", "mgs_default", "mle", "mrt", "pg", "grpo"}
     assert {r["arm"] for r in results["runs"]} == arms
     assert sorted(results["limits"], key=int) == ["8", "16", "24"]
     assert [results["limits"][k]["mean_tokens"] <= int(k) for k in results["limits"]] == [True] * 3

@@ -113,6 +113,9 @@ class UpdateRule:
     clip_in_loop         the loop clips .grad to trainer.max_grad_norm before apply()
     needs_whole_parameters  the rule reads and writes whole parameters itself (MGS perturbs them in
                          place), so it cannot run on FSDP's shards (refused at start)
+    needs_start_model(cfg)  the rule keeps a frozen copy of the model its phase starts from (pg's KL
+                         penalty): the loop saves that model as checkpoints/<phase>_start and hands it
+                         back as `start_model` when a run resumes within the phase
 
     `probes` are optional per-step hooks a rule may call for measurements (MGS calls
     mleps.trainers.mgs.SearchProbe's); the loop passes what its callbacks supply.
@@ -126,7 +129,8 @@ class UpdateRule:
     needs_whole_parameters = False
     needs_every_micro_batch = False  # True: update() gets the step's whole global batch on every process
 
-    def __init__(self, cfg, model, tokenizer, metric, accelerator, seed: int = 0, optimizer=None, probes=()):
+    def __init__(self, cfg, model, tokenizer, metric, accelerator, seed: int = 0, optimizer=None, probes=(),
+                 start_model=None):
         self.cfg = cfg  # the trainer config section
         self.model = model  # possibly wrapped by accelerate (DDP)
         self.tokenizer = tokenizer
@@ -135,9 +139,14 @@ class UpdateRule:
         self.seed = seed
         self.optimizer = optimizer  # the phase's optimizer, for rules with needs_optimizer
         self.probes = list(probes)
+        self.start_model = start_model  # with needs_start_model: the phase's first weights (None: the model now)
         self.check_config(cfg)
         if self.needs_sentence_loss:
             require_sentence_form(metric, self.name)
+
+    @classmethod
+    def needs_start_model(cls, cfg) -> bool:
+        return False
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from mleps.decoding import eos_ids, generate
 from mleps.errors import UserError
-from mleps.families import label_mask, sequence_log_probs  # noqa: F401  (imported from here by the rules)
+from mleps.families import label_mask, sequence_log_probs, token_log_probs  # noqa: F401  (imported by the rules)
 from mleps.trainers.base import Shard, TrainerConfig, UpdateRule, token_cross_entropy
 
 
