@@ -112,6 +112,9 @@ class Callback:
         return []
 
 
+RUN_START = "run_start"  # checkpoints/run_start: the model a run started from, for task losses that keep a copy
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per event) and, optionally, TensorBoard."""
 
@@ -254,6 +257,12 @@ class Loop:
             raise
         self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
                       "bad_steps_in_a_row": 0}
+        if self.resume_from is None and any(loss.needs_start_model for loss in
+                                            (self.metric, self.eval_metric, *self.secondary_metrics)):
+            if self.is_main:  # what a resumed run's task loss scores with (lm: its frozen copy)
+                save_checkpoint(self.ckpt_dir / RUN_START, self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                self.meta(), state=self.state)
+            self.accelerator.wait_for_everyone()
 
     def _check_sharding(self) -> None:
         """FSDP: version 2 (whose parameters stay in their modules, so generate runs on the model as is),
@@ -274,12 +283,27 @@ class Loop:
         decoded = decoded_batch(ids.to(self.accelerator.device), self.tokenizer, eos_ids(self.model),
                                 probe["references"], batch={k: (v.to(self.accelerator.device) if torch.is_tensor(v)
                                                                  else v) for k, v in probe.items()})
-        for loss in (self.metric, self.eval_metric, *self.secondary_metrics):
-            loss.bind(self.model, self.tokenizer)
+        losses = (self.metric, self.eval_metric, *self.secondary_metrics)
+        start = self._run_start_model() if any(loss.needs_start_model for loss in losses) else None
+        for loss in losses:
+            loss.bind(start if loss.needs_start_model else self.model, self.tokenizer)
             value = loss.loss_from_stats(loss.stats(decoded))
             if not math.isfinite(value):
                 raise UserError(f"metric {loss.name} gives a non-finite loss ({value}) on two training references: "
                                 f"check its options (metric.*)")
+
+    def _run_start_model(self):
+        """The model this run started from: the model itself in a new run (saved as checkpoints/run_start
+        once the run dir exists), that checkpoint in a resumed one."""
+        if self.resume_from is None:
+            return self.model
+        folder = find_complete(self.ckpt_dir / RUN_START)
+        if folder is None:
+            raise UserError(f"metric.name={self.metric.name} scores with a frozen copy of the model the run started "
+                            f"from, but {self.ckpt_dir / RUN_START} is missing: set metric.score_model to that "
+                            f"checkpoint, or start the run again (overwrite=true)")
+        return load_checkpoint(str(folder), trust_remote_code=self.cfg.model.trust_remote_code)[0].to(
+            self.accelerator.device)
 
     def _setup_phase(self, phase: Phase):
         tcfg = phase.trainer

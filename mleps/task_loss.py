@@ -119,6 +119,12 @@ class TaskLoss:
     def has_sentence_form(self) -> bool:
         return type(self).sentence_losses is not TaskLoss.sentence_losses
 
+    @property
+    def needs_start_model(self) -> bool:
+        """`bind` keeps a copy of the model it is given (lm without score_model): on a resume the loop binds
+        the model the run started from (checkpoints/run_start), not the resumed one."""
+        return False
+
     def stats(self, decoded) -> np.ndarray:
         if self.level == "sentence":
             losses = self.sentence_losses(decoded)

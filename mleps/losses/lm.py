@@ -45,6 +45,10 @@ class LMScore(TaskLoss):
                             f"(e.g. RUN/checkpoints/best), or null for a frozen copy of the model at the start")
         self.model, self.eos = None, None
 
+    @property
+    def needs_start_model(self) -> bool:
+        return not self.score_model_path
+
     def bind(self, model, tokenizer) -> None:
         from mleps.decoding import eos_ids
         from mleps.models import load_checkpoint
