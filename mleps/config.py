@@ -37,6 +37,16 @@ class DataConfig:
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
+    # A dataset by name instead of files (data=hf): a hub name for datasets.load_dataset, or a folder written
+    # by Dataset/DatasetDict.save_to_disk; when set, the *_file keys are not read
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None  # load_dataset's configuration name, e.g. de-en for wmt16
+    # the dataset's split for each of mleps's splits; a slice such as train[:10000] reads only those rows;
+    # null: no such split (no validation: no evaluations)
+    train_split: Optional[str] = "train"
+    validation_split: Optional[str] = "validation"
+    test_split: Optional[str] = "test"
+    # a dotted name is a field of a struct column: translation.de (WMT's layout, as Dataset.flatten names it)
     source_column: str = MISSING
     target_column: str = MISSING
     reference_columns: List[str] = field(default_factory=list)  # extra references (eval only)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
-from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, extra_columns, load_split, tokenize
+from mleps.data import (BatchStream, Collator, batch_stream, completion_pairs, extra_columns, has_split, load_split,
+                        tokenize)
 from mleps.decoding import decoded_batch, eos_ids
 from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
 from mleps.families import family_for
@@ -209,10 +210,10 @@ class Loop:
         train_ds = load_split(cfg.data, "train", self.given_datasets.get("train"))
         given_val = self.given_datasets.get("validation")
         self.val_ds = (load_split(cfg.data, "validation", given_val)
-                       if given_val is not None or cfg.data.validation_file else None)
+                       if given_val is not None or has_split(cfg.data, "validation") else None)
         if self.val_ds is None:
-            log.warning("no data.validation_file: no evaluations, so no checkpoints/best and no early stopping; "
-                        "the result is checkpoints/last")
+            log.warning("no validation split (data.validation_file or data.validation_split): no evaluations, so no "
+                        "checkpoints/best and no early stopping; the result is checkpoints/last")
         # None: a new run (or one stopped before its first save)
         self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
                                                               lambda: rundir.check_run_dir(cfg, self.run_dir))
