@@ -134,7 +134,11 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from a saved checkpoint folder
     resume: Any = False  # true, or a run dir to continue
     overwrite: bool = False
-    tensorboard: bool = False
+    # experiment trackers through accelerate, beside metrics.jsonl (always written): tensorboard, wandb,
+    # mlflow, comet_ml, aim, clearml, dvclive, ... (accelerate's names); local files in <run dir>/trackers
+    trackers: List[str] = field(default_factory=list)
+    tracker_project: str = "mleps"  # wandb/comet project, mlflow experiment; TensorBoard: trackers/<this>/
+    tensorboard: bool = False  # the older spelling of trackers=[tensorboard]
     progress: bool = True
     cache_dir: Optional[str] = None  # tokenizer/model cache; null: $MLEPS_CACHE_DIR or ~/.cache/mleps
     mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate; weights stay fp32)

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"  # the run's resolved config; a resume must match it
 PREVIOUS = ".previous-run"
-RUN_FILES = ("checkpoints", "metrics.jsonl", CONFIG_FILE, "summary.json", "validation.png", "tensorboard")
+# tensorboard/: where tensorboard=true wrote before trackers/ (older runs are still moved aside whole)
+RUN_FILES = ("checkpoints", "metrics.jsonl", CONFIG_FILE, "summary.json", "validation.png", "trackers", "tensorboard")
+REPORTING = ("progress", "tensorboard", "trackers", "tracker_project")
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
-RESUMABLE = ("resume", "overwrite", "output_dir", "data_dir", "cache_dir", "cpu", "progress", "tensorboard",
+RESUMABLE = ("resume", "overwrite", "output_dir", "data_dir", "cache_dir", "cpu", *REPORTING,
              "collective_timeout_s", "decode.batch_size", "trainer.max_steps", "trainer.eval_every",
              "trainer.save_every", "trainer.log_every", "trainer.max_train_s", "trainer.patience",
              "trainer.max_bad_steps", "trainer.warm_start_eval_every")
@@ -125,7 +127,7 @@ def _check_same_config(cfg, run_dir: Path) -> None:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"resume: the config differs from the run's ({path}): {shown}{more}; a resumed run may only "
-                        f"change {', '.join(k for k in RESUMABLE if '.' in k or k in ('progress', 'tensorboard'))}: "
+                        f"change {', '.join(k for k in RESUMABLE if '.' in k or k in REPORTING)}: "
                         f"start a new run in another output_dir instead")
 
 
