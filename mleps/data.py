@@ -164,9 +164,11 @@ def _normalise(raw: datasets.Dataset, data_cfg, split: str, path: Path, keep_col
             raise UserError(f"column '{col}' of {path} holds lists or objects, not text: point "
                             f"data.source_column / data.target_column at a text column")
 
-    def normalise(row):
-        source = _text(row[data_cfg.source_column])
-        target = _text(row[data_cfg.target_column])
+    source_column, target_column = data_cfg.source_column, data_cfg.target_column
+
+    def normalise(row):  # closes over plain strings: datasets hashes it to the same fingerprint in every run
+        source = _text(row[source_column])
+        target = _text(row[target_column])
         refs = [target] if target else []
         for col in extra:
             value = row[col]

@@ -145,3 +145,19 @@ def test_an_unknown_hub_name_offline_fails_at_once_with_one_line(tmp_path):
     assert_user_error(rc, err, "data.dataset=no-such-owner/no-such-dataset", "load_dataset failed",
                       "save_to_disk")
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+def test_a_run_made_before_the_dataset_keys_existed_still_resumes(tmp_path):
+    """Its config.yaml lacks data.dataset, data.*_split...: at their defaults they are no difference."""
+    from omegaconf import OmegaConf
+
+    from mleps.rundir import CONFIG_FILE, _check_same_config
+
+    cfg = compose_cfg("data=local", "data.train_file=/x/train.jsonl")
+    old = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("dataset", "dataset_config", "train_split", "validation_split", "test_split"):
+        del old["data"][key]
+    (tmp_path / CONFIG_FILE).write_text(OmegaConf.to_yaml(old))
+    _check_same_config(cfg, tmp_path)
+    with pytest.raises(UserError, match=r"data.dataset: None -> 'wmt16'"):
+        _check_same_config(compose_cfg("data=local", "data.train_file=/x/train.jsonl", "data.dataset=wmt16"), tmp_path)
