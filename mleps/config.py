@@ -37,6 +37,16 @@ class DataConfig:
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
+    # A dataset by name instead of files (data=hf): a hub name for datasets.load_dataset, or a folder written
+    # by Dataset/DatasetDict.save_to_disk; when set, the *_file keys are not read
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None  # load_dataset's configuration name, e.g. de-en for wmt16
+    # the dataset's split for each of mleps's splits; a slice such as train[:10000] reads only those rows;
+    # null: no such split (no validation: no evaluations)
+    train_split: Optional[str] = "train"
+    validation_split: Optional[str] = "validation"
+    test_split: Optional[str] = "test"
+    # a dotted name is a field of a struct column: translation.de (WMT's layout, as Dataset.flatten names it)
     source_column: str = MISSING
     target_column: str = MISSING
     reference_columns: List[str] = field(default_factory=list)  # extra references (eval only)
@@ -133,7 +143,11 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from a saved checkpoint folder
     resume: Any = False  # true, or a run dir to continue
     overwrite: bool = False
-    tensorboard: bool = False
+    # experiment trackers through accelerate, beside metrics.jsonl (always written): tensorboard, wandb,
+    # mlflow, comet_ml, aim, clearml, dvclive, ... (accelerate's names); local files in <run dir>/trackers
+    trackers: List[str] = field(default_factory=list)
+    tracker_project: str = "mleps"  # wandb/comet project, mlflow experiment; TensorBoard: trackers/<this>/
+    tensorboard: bool = False  # the older spelling of trackers=[tensorboard]
     progress: bool = True
     cache_dir: Optional[str] = None  # tokenizer/model cache; null: $MLEPS_CACHE_DIR or ~/.cache/mleps
     mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate; weights stay fp32)

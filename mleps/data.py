@@ -1,5 +1,9 @@
 """Datasets: load a split with `datasets`, check it, tokenise it with `map`, batch it.
 
+A split comes from a file (data.<split>_file: JSONL, CSV, TSV, a .txt of documents), from a dataset
+named by data.dataset (a hub name for `datasets.load_dataset`, or a `save_to_disk` folder; its
+data.<split>_split), or from a Dataset handed over in Python (mleps.api).
+
 Every split becomes three columns: `source` (str), `target` (str, the training label) and
 `references` (list[str]: the target plus any `data.reference_columns`, for evaluation).
 
@@ -61,9 +65,13 @@ def load_split(data_cfg, split: str, dataset: datasets.Dataset | None = None) ->
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
     if dataset is not None:
         return _normalise(dataset, data_cfg, split, Path(f"<{split} dataset>"), keep_columns=True)
+    if uses_dataset(data_cfg):
+        raw, label = _named_dataset_split(data_cfg, split)
+        return _normalise(raw, data_cfg, split, label)
     file = getattr(data_cfg, f"{split}_file", None)
     if not file:
-        raise UserError(f"data.{split}_file is not set for data={data_cfg.name}: set data.{split}_file=PATH")
+        raise UserError(f"data.{split}_file is not set for data={data_cfg.name}: set data.{split}_file=PATH, or "
+                        f"data.dataset=NAME (a hub name for datasets.load_dataset, or a save_to_disk folder)")
     path = data_path(file)
     if not path.is_file():
         raise UserError(f"data file not found: {path} (run `make data`, or set data_dir=... or MLEPS_DATA_DIR)")
@@ -84,6 +92,56 @@ def load_split(data_cfg, split: str, dataset: datasets.Dataset | None = None) ->
     return _normalise(raw, data_cfg, split, path)
 
 
+def uses_dataset(data_cfg) -> bool:
+    """data.dataset names the data (data=hf): the *_file keys are not read."""
+    return bool(data_cfg.get("dataset"))
+
+
+def has_split(data_cfg, split: str) -> bool:
+    """Whether the config names a source for the split (a file, or a split of data.dataset)."""
+    return bool(data_cfg.get(f"{split}_split" if uses_dataset(data_cfg) else f"{split}_file"))
+
+
+def _named_dataset_split(data_cfg, split: str) -> tuple[datasets.Dataset, Path]:
+    """One split of data.dataset: a save_to_disk folder (load_from_disk), else datasets.load_dataset (the hub,
+    or a folder of data files). data.<split>_split may be a slice (train[:1000]), read by datasets itself.
+    Streaming (an IterableDataset) is not offered: batches are indexed by step (BatchStream) and
+    trainer.batch_tokens sorts the whole split by length, so both need a map-style Dataset; a slice of a
+    large corpus keeps the rows that are read small."""
+    name, config = data_cfg.dataset, data_cfg.get("dataset_config")
+    spec = data_cfg.get(f"{split}_split")
+    if not spec:
+        raise UserError(f"data.{split}_split is not set for data.dataset={name}: set data.{split}_split=NAME")
+    label = Path(f"{name}[{spec}]")
+    folder = data_path(name)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():  # save_to_disk's layout
+        if config:
+            raise UserError(f"data.dataset_config={config} is for hub datasets; {folder} was saved with "
+                            f"save_to_disk and has none: drop data.dataset_config")
+        saved = datasets.load_from_disk(str(folder))
+        splits = saved if isinstance(saved, datasets.DatasetDict) else {str(saved.split or "train"): saved}
+        try:
+            parts = [splits[p.splitname].select(range(p.from_, p.to)) for p in
+                     datasets.ReadInstruction.from_spec(spec).to_absolute({k: len(v) for k, v in splits.items()})]
+        except ValueError as e:  # an unknown split name or a malformed slice
+            raise UserError(f"data.{split}_split={spec}: {e} ({folder} has: {', '.join(splits)}); set "
+                            f"data.{split}_split to one of them{' or null' if split != 'train' else ''}") from None
+        return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), label
+    try:
+        return datasets.load_dataset(name, config, split=spec), label
+    except Exception as e:  # noqa: BLE001  (not found, offline, unknown config or split: datasets raises several types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"data.dataset={name}{f' data.dataset_config={config}' if config else ''} "
+                        f"data.{split}_split={spec}: datasets.load_dataset failed: {first}; check those keys, or "
+                        f"(offline) pass a folder written by save_to_disk") from None
+
+
+def _flattened(raw: datasets.Dataset, columns) -> datasets.Dataset:
+    """Struct columns as dotted ones (translation -> translation.de, translation.en) when a configured
+    column is not a top-level one: WMT's and IWSLT's layout on the hub."""
+    return raw if all(c in raw.column_names for c in columns) else raw.flatten()
+
+
 def _normalise(raw: datasets.Dataset, data_cfg, split: str, path: Path, keep_columns: bool = False):
     if len(raw) == 0:
         raise UserError(f"data file has no rows: {path}")
@@ -93,6 +151,7 @@ def _normalise(raw: datasets.Dataset, data_cfg, split: str, path: Path, keep_col
     # Extra references are for evaluation; training splits need not have them (AESLC's train has none).
     extra = list(data_cfg.reference_columns) if split != "train" else []
     columns = [data_cfg.source_column, data_cfg.target_column, *extra]
+    raw = _flattened(raw, columns)
     for col in columns:
         if col not in raw.column_names:
             raise UserError(
@@ -105,9 +164,11 @@ def _normalise(raw: datasets.Dataset, data_cfg, split: str, path: Path, keep_col
             raise UserError(f"column '{col}' of {path} holds lists or objects, not text: point "
                             f"data.source_column / data.target_column at a text column")
 
-    def normalise(row):
-        source = _text(row[data_cfg.source_column])
-        target = _text(row[data_cfg.target_column])
+    source_column, target_column = data_cfg.source_column, data_cfg.target_column
+
+    def normalise(row):  # closes over plain strings: datasets hashes it to the same fingerprint in every run
+        source = _text(row[source_column])
+        target = _text(row[target_column])
         refs = [target] if target else []
         for col in extra:
             value = row[col]
@@ -139,6 +200,7 @@ def _kept(ds: datasets.Dataset, keep, data_cfg, split: str, path: Path, dropped:
 def _documents(raw: datasets.Dataset, data_cfg, split: str, path: Path) -> datasets.Dataset:
     """A completion task's documents as `source` (target and references come with completion_pairs)."""
     column = "text" if path.suffix.lower() == ".txt" else data_cfg.text_column
+    raw = _flattened(raw, [column])
     if column not in raw.column_names or not isinstance(raw.features[column], datasets.Value):
         raise UserError(f"text column '{column}' not found in {path} (or not text); it has: "
                         f"{', '.join(raw.column_names)} (set data.text_column)")

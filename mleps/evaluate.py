@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+from pathlib import Path
 
 import hydra
 import torch
@@ -32,12 +34,20 @@ register_configs()
 
 def default_predictions_name(data_cfg, split: str) -> str:
     """predictions-<data>-<split>-<file stem>-<hash of its path>.txt: two local test files (even two
-    test.jsonl in different folders) never write over each other's predictions."""
-    from mleps.data import data_path
+    test.jsonl in different folders) never write over each other's predictions. data.dataset: the
+    dataset's name and its split (slice) instead of the file."""
+    from mleps.data import data_path, uses_dataset
 
-    file = data_path(data_cfg[f"{split}_file"]).resolve()  # one name for one file, whatever links lead to it
-    digest = hashlib.sha256(str(file).encode()).hexdigest()[:8]
-    return f"predictions-{data_cfg.name}-{split}-{file.stem}-{digest}.txt"
+    if uses_dataset(data_cfg):
+        folder = data_path(data_cfg.dataset)
+        where = str(folder.resolve()) if folder.is_dir() else data_cfg.dataset
+        source = [where, data_cfg.get("dataset_config"), data_cfg[f"{split}_split"]]
+        stem = re.sub(r"[^\w.-]+", "_", f"{Path(data_cfg.dataset).name}-{data_cfg[f'{split}_split']}").strip("_")
+    else:
+        file = data_path(data_cfg[f"{split}_file"]).resolve()  # one name for one file, whatever links lead to it
+        source, stem = str(file), file.stem
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    return f"predictions-{data_cfg.name}-{split}-{stem}-{digest}.txt"
 
 
 def adopt_checkpoint_config(cfg, meta: dict, overrides: list[str]) -> None:

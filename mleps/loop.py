@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from mleps import rundir
 from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
-from mleps.data import BatchStream, Collator, batch_stream, completion_pairs, extra_columns, load_split, tokenize
+from mleps.data import (BatchStream, Collator, batch_stream, completion_pairs, extra_columns, has_split, load_split,
+                        tokenize)
 from mleps.decoding import decoded_batch, eos_ids
 from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
 from mleps.families import family_for
@@ -45,7 +46,7 @@ from mleps.task_loss import at_level, require_sentence_form
 from mleps.trainers import rule_class
 from mleps.trainers.base import Shard, label_tokens
 from mleps.trainers.mle import MLEConfig
-from mleps.validate import check_family_options, validate_train_config
+from mleps.validate import check_family_options, tracker_names, validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +114,32 @@ class Callback:
 
 
 RUN_START = "run_start"  # checkpoints/run_start: the model a run started from, for task losses that keep a copy
+TRACKERS_DIR = "trackers"  # in the run dir: the trackers' local files (accelerate's logging_dir)
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per event) and, optionally, TensorBoard."""
+    """metrics.jsonl (one JSON object per event, always) and the accelerator's trackers (trackers=[...]),
+    which get each event's numbers as <split>/<key> at its step."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+    def __init__(self, run_dir: Path, accelerator: Accelerator, enabled: bool):
         self.path = run_dir / "metrics.jsonl"
+        self.accelerator = accelerator
         self.enabled = enabled
-        self.tb = None
-        if tensorboard and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(run_dir / "tensorboard")
 
     def write(self, event: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
-        if self.tb is not None:
-            for k, v in event.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{event['split']}/{k}", v, event["step"])
+        if self.accelerator.trackers:
+            self.accelerator.log({f"{event['split']}/{k}": v for k, v in event.items()
+                                  if isinstance(v, (int, float)) and k != "step"}, step=event["step"])
+
+
+def tracker_config(cfg) -> dict:
+    """The resolved config as the trackers store it: dotted keys, lists as JSON (TensorBoard's hparams take
+    scalars only)."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in rundir.flat_config(cfg).items()}
 
 
 class Interrupt:
@@ -192,7 +194,12 @@ class Loop:
         # Without cpu=True accelerate does not join CPU processes into one group: each would train
         # alone, into the same run dir.
         cpu = cfg.cpu or (launched > 1 and not _has_gpu())
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
+        # The trackers are named here and started once the run dir is ready (_start_trackers).
+        self.trackers = tracker_names(cfg)
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout],
+                                       log_with=self.trackers or None,
+                                       project_config=ProjectConfiguration(
+                                           project_dir=str(self.run_dir), logging_dir=str(self.run_dir / TRACKERS_DIR)))
         if self.accelerator.num_processes != launched:
             raise UserError(f"launched as {launched} processes, but accelerate joined "
                             f"{self.accelerator.num_processes}: on a machine without GPUs pass cpu=true")
@@ -215,10 +222,10 @@ class Loop:
         train_ds = load_split(cfg.data, "train", self.given_datasets.get("train"))
         given_val = self.given_datasets.get("validation")
         self.val_ds = (load_split(cfg.data, "validation", given_val)
-                       if given_val is not None or cfg.data.validation_file else None)
+                       if given_val is not None or has_split(cfg.data, "validation") else None)
         if self.val_ds is None:
-            log.warning("no data.validation_file: no evaluations, so no checkpoints/best and no early stopping; "
-                        "the result is checkpoints/last")
+            log.warning("no validation split (data.validation_file or data.validation_split): no evaluations, so no "
+                        "checkpoints/best and no early stopping; the result is checkpoints/last")
         # None: a new run (or one stopped before its first save)
         self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
                                                               lambda: rundir.check_run_dir(cfg, self.run_dir))
@@ -250,8 +257,9 @@ class Loop:
         # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
         distributed.on_main_then_broadcast(self.accelerator,
                                            lambda: rundir.prepare_run_dir(cfg, self.run_dir, self.resume_from))
+        self.logger = MetricsLog(self.run_dir, self.accelerator, self.is_main)
         try:
-            self.logger = MetricsLog(self.run_dir, cfg.tensorboard, self.is_main)
+            self._start_trackers()
         except BaseException:
             self._restore_previous_run()
             raise
@@ -274,6 +282,32 @@ class Loop:
             if rule_class(phase.trainer.name).needs_whole_parameters:
                 raise UserError(f"trainer={phase.trainer.name} reads and writes whole parameters, which FSDP shards "
                                 f"over the processes: run it with DDP (conf/accelerate/multi_gpu.yaml) or one process")
+
+    def _start_trackers(self) -> None:
+        """accelerate starts them on the main process only. A resumed run logs again from the step after its
+        checkpoint: TensorBoard hides the stopped run's later events (purge_step), as metrics.jsonl drops them."""
+        if not self.trackers:
+            return
+        logging_dir = self.run_dir / TRACKERS_DIR
+        if self.is_main:
+            logging_dir.mkdir(exist_ok=True)
+        kwargs = {"wandb": {"dir": str(logging_dir)}, "dvclive": {"dir": str(logging_dir / "dvclive")}}
+        if self.resume_from is not None:
+            kwargs["tensorboard"] = {"purge_step": rundir.read_state(self.resume_from)["step"] + 1}
+        try:
+            self.accelerator.init_trackers(self.cfg.tracker_project, config=tracker_config(self.cfg),
+                                           init_kwargs=kwargs)
+        except Exception as e:  # noqa: BLE001  (a service that refuses: no login, no server)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise UserError(f"trackers={self.trackers}: could not start ({type(e).__name__}: {first}): check the "
+                            f"tracker's login or server settings, or drop it from trackers") from None
+
+    def _finish_trackers(self) -> None:
+        # Not accelerator.end_training(): it also destroys the process group, which a caller running several
+        # loops in one launched process (tests/distributed_worker.py, a notebook) still needs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
     def _check_task_losses(self) -> None:
         """Bind model-based losses to the model as it starts, and score two training references
@@ -435,6 +469,7 @@ class Loop:
             raise
         finally:
             self.interrupt.restore()
+            self._finish_trackers()
 
     def _restore_previous_run(self) -> None:
         """overwrite=true and this run stopped before saving checkpoints/last: the old run comes back."""

@@ -180,8 +180,10 @@ def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path, causal: bool 
     """A shared source+target byte-level BPE, trained once per (training data, vocab size, recipe).
     causal: GPT-2's habits, no prefix space and no </s> appended to an encoded text."""
     recipe = CAUSAL_TOKENIZER_RECIPE if causal else TOKENIZER_RECIPE
-    # a dataset handed over in Python (mleps.api) has no file: its fingerprint names its contents
-    digest = _file_digest(data_path(data_cfg.train_file)) if data_cfg.train_file else f"dataset-{train_ds._fingerprint}"
+    # a dataset handed over in Python (mleps.api) or named by data.dataset has no file: its fingerprint names
+    # its contents
+    from_file = data_cfg.train_file and not data_cfg.get("dataset")
+    digest = _file_digest(data_path(data_cfg.train_file)) if from_file else f"dataset-{train_ds._fingerprint}"
     parts = [recipe, vocab_size, digest,
              data_cfg.source_column, data_cfg.target_column, data_cfg.max_train_examples]
     if data_cfg.get("task", "pairs") != "pairs":  # the documents' column, not the pairs' (old keys unchanged)

@@ -11,6 +11,7 @@ if the new run fails before that (`restore_previous_run`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"  # the run's resolved config; a resume must match it
 PREVIOUS = ".previous-run"
-RUN_FILES = ("checkpoints", "metrics.jsonl", CONFIG_FILE, "summary.json", "validation.png", "tensorboard")
+# tensorboard/: where tensorboard=true wrote before trackers/ (older runs are still moved aside whole)
+RUN_FILES = ("checkpoints", "metrics.jsonl", CONFIG_FILE, "summary.json", "validation.png", "trackers", "tensorboard")
+REPORTING = ("progress", "tensorboard", "trackers", "tracker_project")
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
-RESUMABLE = ("resume", "overwrite", "output_dir", "data_dir", "cache_dir", "cpu", "progress", "tensorboard",
+RESUMABLE = ("resume", "overwrite", "output_dir", "data_dir", "cache_dir", "cpu", *REPORTING,
              "collective_timeout_s", "decode.batch_size", "trainer.max_steps", "trainer.eval_every",
              "trainer.save_every", "trainer.log_every", "trainer.max_train_s", "trainer.patience",
              "trainer.max_bad_steps", "trainer.warm_start_eval_every")
@@ -120,13 +123,34 @@ def _check_same_config(cfg, run_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001  (yaml and OmegaConf raise several types)
         raise UserError(f"cannot resume: {path} is unreadable ({type(e).__name__})") from None
     now = flat_config(cfg)
-    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE and saved.get(k) != now.get(k)]
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE and saved.get(k) != now.get(k)
+               and not (k not in saved and now[k] == _schema_default(cfg, k))]
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"resume: the config differs from the run's ({path}): {shown}{more}; a resumed run may only "
-                        f"change {', '.join(k for k in RESUMABLE if '.' in k or k in ('progress', 'tensorboard'))}: "
+                        f"change {', '.join(k for k in RESUMABLE if '.' in k or k in REPORTING)}: "
                         f"start a new run in another output_dir instead")
+
+
+def _schema_default(cfg, key: str):
+    """The schema's default of a dotted key. A key a run's config.yaml lacks was added to mleps after the run
+    was made; at its default it does what the run did without it, so it is no difference."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+        node = node[name]
+    schema = OmegaConf.get_type(node)
+    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    if leaf not in fields:
+        return _NO_DEFAULT
+    f = fields[leaf]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _NO_DEFAULT if f.default is dataclasses.MISSING else f.default
+
+
+_NO_DEFAULT = object()
 
 
 def prepare_run_dir(cfg, run_dir: Path, resume_from: Path | None) -> None:

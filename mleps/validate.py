@@ -100,6 +100,27 @@ def validate_train_config(cfg, phases) -> None:
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise UserError(f"unknown mixed_precision '{cfg.mixed_precision}': use one of {', '.join(MIXED_PRECISION)}")
     _finite(cfg.collective_timeout_s, "collective_timeout_s", 0.0, strict=True)
+    check_trackers(tracker_names(cfg))
+
+
+def tracker_names(cfg) -> list[str]:
+    """trackers=[...], with tensorboard=true (the older spelling) as tensorboard; each once."""
+    return list(dict.fromkeys([*cfg.trackers, *(["tensorboard"] if cfg.tensorboard else [])]))
+
+
+def check_trackers(names: list[str]) -> None:
+    """accelerate's tracker names, each with its package installed (accelerate itself would drop a missing
+    one with a debug message, and the run would log to nothing)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"unknown tracker '{name}' in trackers: use accelerate's "
+                            f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or trackers=[] (metrics.jsonl only)")
+        if name in LoggerType.list() and name not in available:  # a built-in one (not a registered class)
+            raise UserError(f"trackers: {name} is not installed: pip install {name}, or drop it from trackers")
 
 
 def model_family(model_cfg, init_from: str | None = None) -> str | None:

@@ -26,7 +26,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from mleps.data import completion_pairs, load_split, tokenize
+from mleps.data import completion_pairs, has_split, load_split, tokenize
 from mleps.errors import UserError
 from mleps.loop import Callback
 from mleps.search import apply_perturbation_, spearman
@@ -59,10 +59,10 @@ def check_probe_config(cfg) -> None:
     if rows is not None and (len(rows) != 2 or not 0 <= rows[0] < rows[1]):
         raise UserError(f"trainer.oracle_rows={list(rows)}: use [start, stop] with 0 <= start < stop "
                         "(validation rows), or null (off)")
-    if every and not cfg.data.validation_file:
+    if every and not has_split(cfg.data, "validation"):
         raise UserError("trainer.diagnose_every scores a held-out slice of the validation set: "
                         "it needs data.validation_file (or set trainer.diagnose_every=null)")
-    if rows is not None and not cfg.data.validation_file:
+    if rows is not None and not has_split(cfg.data, "validation"):
         raise UserError("trainer.oracle_rows weighs the samples on validation rows: "
                         "it needs data.validation_file (or set trainer.oracle_rows=null)")
 
