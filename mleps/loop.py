@@ -331,11 +331,15 @@ class Loop:
         once the run dir exists), that checkpoint in a resumed one."""
         if self.resume_from is None:
             return self.model
-        folder = find_complete(self.ckpt_dir / RUN_START)
+        return self._saved_model(RUN_START, f"metric.name={self.metric.name} scores with a frozen copy of the model "
+                                            f"the run started from (or set metric.score_model to that checkpoint)")
+
+    def _saved_model(self, name: str, needed_by: str):
+        """checkpoints/<name>, a model this run saved at a start (its own, a phase's), which a resume needs."""
+        folder = find_complete(self.ckpt_dir / name)
         if folder is None:
-            raise UserError(f"metric.name={self.metric.name} scores with a frozen copy of the model the run started "
-                            f"from, but {self.ckpt_dir / RUN_START} is missing: set metric.score_model to that "
-                            f"checkpoint, or start the run again (overwrite=true)")
+            raise UserError(f"{needed_by}, but {self.ckpt_dir / name} is missing: start the run again "
+                            f"(overwrite=true) instead of resuming it")
         return load_checkpoint(str(folder), trust_remote_code=self.cfg.model.trust_remote_code)[0].to(
             self.accelerator.device)
 
@@ -364,13 +368,8 @@ class Loop:
         copies the model as it is). Saved at the phase's start (run), so the resumed run is the same run."""
         if self.state["step"] <= phase.first_step:
             return None
-        folder = find_complete(self.ckpt_dir / f"{phase.name}_start")
-        if folder is None:
-            raise UserError(f"trainer={phase.trainer.name} keeps the model its phase started from, but "
-                            f"{self.ckpt_dir / (phase.name + '_start')} is missing: start the run again "
-                            f"(overwrite=true) instead of resuming it")
-        return load_checkpoint(str(folder), trust_remote_code=self.cfg.model.trust_remote_code)[0].to(
-            self.accelerator.device)
+        return self._saved_model(f"{phase.name}_start", f"trainer={phase.trainer.name} keeps the model its phase "
+                                                        f"started from")
 
     def on_device(self, rows: dict) -> dict:
         return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in rows.items()}

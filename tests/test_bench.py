@@ -31,30 +31,28 @@ def test_bench_step_smoke(data_dir, tmp_path):
     assert "mgs_inplace" in proc.stdout and "irreducible" in proc.stdout  # the table
 
 
-@pytest.mark.slow
-def test_bench_step_population_smoke(data_dir, tmp_path):
+def bench_summary(data_dir, tmp_path, *args, timeout: int) -> tuple[dict, str]:
+    """scripts/bench_step.py --tiny-test ARGS, one round on the CPU: (its last line's JSON, its stdout)."""
     env = dict(os.environ, MLEPS_DATA_DIR=str(data_dir), MLEPS_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_step.py"), "--tiny-test", "--population", "--population-k", "2",
-         "--rounds", "1", "--cpu"], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_step.py"), "--tiny-test", *args,
+                           "--rounds", "1", "--cpu"], cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    return json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1]), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_population_smoke(data_dir, tmp_path):
+    summary, out = bench_summary(data_dir, tmp_path, "--population", "--population-k", "2", timeout=180)
     for key in ("k2_decode_batched_over_sequential", "k2_step_batched_over_sequential"):
         assert 0 < summary[key] < 100, (key, summary)
-    assert "population decoding" in proc.stdout
+    assert "population decoding" in out
 
 
 @pytest.mark.slow
 def test_bench_step_peft_smoke(data_dir, tmp_path):
-    env = dict(os.environ, MLEPS_DATA_DIR=str(data_dir), MLEPS_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_step.py"), "--tiny-test", "--peft", "--lora-r", "2",
-         "--num-samples", "2", "--rounds", "1", "--cpu"], cwd=str(REPO), env=env, capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    summary, out = bench_summary(data_dir, tmp_path, "--peft", "--lora-r", "2", "--num-samples", "2", timeout=600)
     assert 0 < summary["lora_over_full_state_bytes"] < 1, summary  # the adapter is a small part of the model
     assert summary["lora_over_full_step_s"] > 0
-    assert "whole model vs LoRA" in proc.stdout
+    assert "whole model vs LoRA" in out
