@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from mleps.errors import UserError, exit_on_user_error
 from mleps.rundir import read_events
 from mleps_lab.runs import ROOT, shown, training_step_s, write_json_atomic
@@ -168,6 +170,13 @@ class Budget:
 # its validation optimum and early stopping fires within the cap (docs/results.md shows the curve).
 MT_TRAIN_PAIRS = 5000
 SUMMARIZATION_TRAIN_PAIRS = 5000
+# The decode limit: the paper evaluates to 500 new tokens; stage `limits` measures the base at 50..500.
+PAPER_CPU_LIMIT = 500
+# Each cpu budget's Setup paragraph (prose, in a data file), its numbers filled from the constants above.
+NOTE_FIELDS = dict(mt_train_pairs=MT_TRAIN_PAIRS, summarization_train_pairs=SUMMARIZATION_TRAIN_PAIRS,
+                   paper_cpu_limit=PAPER_CPU_LIMIT)
+NOTES = {key: text.format(**NOTE_FIELDS)
+         for key, text in yaml.safe_load(Path(__file__).with_name("budget_notes.yaml").read_text()).items()}
 MT_BASE = ["trainer.max_steps=3000", "trainer.eval_every=100", "trainer.save_every=100", "trainer.patience=3",
            "trainer.max_train_s=1800", "data.max_eval_examples=500"]
 TINY = dict(common=[*TINY_MODEL, "cpu=true", "trainer.batch_size=16", "data.max_train_examples=32",
@@ -181,18 +190,7 @@ TINY_BASE = ["trainer.max_steps=12", "trainer.eval_every=4", "trainer.save_every
 BUDGETS = {
     ("mt", "cpu"): Budget(
         "cpu", train_s=90, base=MT_BASE, arm_eval_examples=300, common=[f"data.max_train_examples={MT_TRAIN_PAIRS}"],
-        notes=f"tiny_marian (6.0 M parameters, its BPE trained on the same pairs) on the first {MT_TRAIN_PAIRS:,} of "
-              "the 29,000 Multi30k training pairs, batch 64, for the base and every arm. The subset is what makes "
-              "a converged base affordable: on all 29,000 pairs the model was still improving after 2,000 steps "
-              "(35 minutes here). The base is MLE (lr 1e-3, inverse square root after 200 warm-up steps) "
-              "evaluated every 100 steps on 500 validation sentences, stopping after 3 evaluations (300 steps) "
-              "without a better validation BLEU, or at 3,000 steps or 30 minutes; the report's base section says "
-              "which came first. Each arm is validated 4 times on the first 300 validation sentences (its best "
-              "checkpoint is the one tested); test: all 1,000 test sentences. What this costs in fidelity: "
-              "a 6 M-parameter model trained on a sixth of the data instead of transformer-base on IWSLT'14 "
-              "(lower BLEU, a model at its data's limit rather than its capacity's), minutes instead of "
-              "GPU-days of fine-tuning (a few MGS steps where the paper takes thousands), validation noise of "
-              "300 sentences in the choice of checkpoints, and 3 seeds."),
+        notes=NOTES["mt/cpu"]),
     ("mt", "tiny"): Budget("tiny", train_s=1.0, base=TINY_BASE, **TINY,
                            notes="the tests' tiny model, 32 sentences per split: exercises the pipeline only"),
     ("summarization", "cpu"): Budget(
@@ -204,21 +202,13 @@ BUDGETS = {
                 "decode.max_new_tokens=32"],
         sampling=["trainer.max_new_tokens=32"],
         evaluate=["decode.max_new_tokens=32"],
-        notes=f"tiny_marian on the first {SUMMARIZATION_TRAIN_PAIRS:,} of the 14,436 AESLC training pairs, email "
-              "body -> subject (sources cut to 256 tokens), batch 32, for the base and every arm (the subset, as "
-              "for mt, lets the base reach its optimum within the cap). The base is MLE evaluated every 150 steps "
-              "on 300 validation emails, keeping the checkpoint with the lowest cross-entropy of the reference "
-              "subjects and stopping after 3 evaluations without a lower one, or after 20 minutes (its ROUGE-L "
-              "is a few points and too noisy to stop on); "
-              "the arms are validated on 200 emails; test: all test emails, ROUGE-L F1 (best over the "
-              "references), greedy only. sacrebleu has no ROUGE, so the paired bootstrap is on chrF."),
+        notes=NOTES["summarization/cpu"]),
     ("summarization", "tiny"): Budget("tiny", train_s=1.0, base=TINY_BASE, **TINY,
                                       notes="the tests' tiny model, 32 emails per split"),
     ("scratch", "cpu"): Budget(
         "cpu", train_s=600, base=[], arm_eval_examples=300, seeds=(0,), lrs=(), calibration_rounds=1,
         evaluations_per_arm=8,
-        notes="MLE (its from-scratch recipe: lr 1e-3, inverse-sqrt warm-up), PG, MGS and MGS-blind (no warm start) "
-              "from random weights, validated 8 times on 300 sentences; curves only, no test."),
+        notes=NOTES["scratch/cpu"]),
     ("scratch", "tiny"): Budget("tiny", train_s=1.0, base=[], **{**TINY, "lrs": (), "seeds": (0,)},
                                 notes="the tests' tiny model"),
 }
@@ -230,28 +220,13 @@ BUDGETS[("completion", "cpu")] = Budget(
           "trainer.max_train_s=900", "data.max_eval_examples=null"],
     common=[*COMPLETION_MODEL, "decode.max_new_tokens=50"], sampling=["trainer.max_new_tokens=50"],
     evaluate=["decode.max_new_tokens=50", "data.max_eval_examples=null"],
-    notes="tiny_gpt2 at 128 wide, 2 layers (1.4 M parameters; the 4-layer 256-wide default takes twice as long "
-          "per step) on AESLC email bodies: a prefix of 10 tokens (the reference code's context length) and the "
-          "rest of the email as the reference continuation, kept only for the emails that end within 50 more "
-          "tokens (data.whole_documents: about a fifth of them), so every reference ends with EOS and a "
-          "continuation without EOS after 50 new tokens is purely a defect (non-terminated). The base is MLE "
-          "for at most 15 minutes (or 3,000 steps), evaluated every 100 steps on every such validation email, "
-          "keeping the checkpoint with the lowest cross-entropy of the reference continuations and stopping "
-          "after 3 evaluations without a lower one. The arms fine-tune on the composite task loss seq-rep-4 + "
-          "non-termination (weights 1, 1; corpus level), are validated 4 times on the whole emails among the "
-          "first 1,000 validation emails (best checkpoint by that loss) and tested greedily on every whole "
-          "test email. What "
-          "this costs in fidelity: a 1.4 M-parameter model and 60-token windows instead of GPT-2 small on "
-          "WikiText-103 with 10-token prefixes and long continuations, and minutes of fine-tuning instead of "
-          "GPU-hours.")
+    notes=NOTES["completion/cpu"])
 # 32 emails tokenised with a 300-token vocabulary: none ends within 60 tokens, so no whole_documents
 BUDGETS[("completion", "tiny")] = Budget("tiny", train_s=1.0, base=TINY_BASE,
                                          **{**TINY, "beams": (1,), "common": [*TINY["common"],
                                                                              "data.whole_documents=false"]},
                                          notes="the tests' tiny model, 32 emails per split")
 
-# The decode limit: the paper evaluates to 500 new tokens; stage `limits` measures the base at 50..500.
-PAPER_CPU_LIMIT = 500
 BUDGETS[("completion_paper", "cpu")] = Budget(
     "cpu", train_s=60, arm_eval_examples=100, beams=(1,), lrs=(1e-5, 6.25e-5, 3e-4), evaluations_per_arm=3,
     base=["trainer.max_steps=4000", "trainer.eval_every=250", "trainer.save_every=250", "trainer.patience=3",
@@ -259,18 +234,7 @@ BUDGETS[("completion_paper", "cpu")] = Budget(
     common=[*COMPLETION_MODEL, f"decode.max_new_tokens={PAPER_CPU_LIMIT}"],
     sampling=["trainer.max_length_ratio=1.3", f"trainer.max_new_tokens={PAPER_CPU_LIMIT}"],
     evaluate=[f"decode.max_new_tokens={PAPER_CPU_LIMIT}", "data.max_eval_examples=100"],
-    notes="tiny_gpt2 at 128 wide, 2 layers (1.4 M parameters) on AESLC email bodies, each email one sequence "
-          "ending in EOS (data.sequences=documents; the 17 % longer than 256 tokens dropped and counted, none "
-          "of at most 10 tokens), batched by length to at most 4,096 padded tokens (trainer.batch_tokens). "
-          "Prompts are the first 10 tokens. The base is MLE evaluated every 250 steps on 250 validation emails, "
-          "keeping the lowest reference cross-entropy, stopping after 3 evaluations without a lower one or at "
-          "25 minutes. Every other arm fine-tunes on the summed NLL of prompt + greedy continuation under the "
-          "frozen base (metric=lm metric.reduction=sum), its training decodes stopped at 1.3 x the batch's "
-          "longest reference; arms are validated 3 times on the first 100 validation emails (best by that loss) "
-          f"and tested greedily on the first 100 test emails, decoded to at most {PAPER_CPU_LIMIT} new tokens "
-          "(non-termination = no EOS by then), the task loss scored with the base. What this costs in "
-          "fidelity: a 1.4 M-parameter model on 1.2 M tokens of email instead of GPT-2 small on WikiText-103, "
-          "and minutes of fine-tuning instead of GPU-hours.")
+    notes=NOTES["completion_paper/cpu"])
 # Fewer arms for longer (--arms mle mgs mgs_blind, --base the cpu budget's base): what 8 minutes of MGS-LM do.
 # Continued MLE keeps the lr the cpu budget chose on validation (one lr: its search run is its seed-0 arm).
 BUDGETS[("completion_paper", "long")] = dataclasses.replace(
