@@ -511,8 +511,12 @@ class Reproduction:
     def lr_dir(self, lr: float) -> Path:
         return self.out / "lr_search" / f"lr{lr:g}"
 
+    def searches_lr(self) -> bool:
+        """Continued MLE is an arm (--arms may leave it out) whose lr this budget chooses."""
+        return not self.task.from_scratch and bool(self.budget.lrs) and "mle" in self.task.arms
+
     def stage_lr_search(self) -> list[Job]:
-        if self.task.from_scratch or "mle" not in self.task.arms:
+        if not self.searches_lr():
             return []
         steps = self.steps_for_time()["mle"]
         return [self.train_job(f"lr_search/lr{lr:g}", self.lr_dir(lr), self.rule_overrides("mle", steps, seed=0, lr=lr))
@@ -525,7 +529,7 @@ class Reproduction:
                 for lr in self.budget.lrs}
 
     def best_lr(self) -> float | None:
-        if self.task.from_scratch or not self.budget.lrs:
+        if not self.searches_lr():
             return None
         scores = self.lr_scores()
         return (max if self.task.higher_is_better else min)(scores, key=scores.get)

@@ -86,6 +86,22 @@ def test_step_counts_come_from_the_calibration(tmp_path):
     assert repro.arm_steps()["equal_steps"] == {a: 3 for a in ("mle", "pg", "grpo", "mrt", "mgs", "mgs_blind")}
 
 
+
+def test_an_arm_subset_without_mle_searches_no_lr_and_plans_its_runs(tmp_path):
+    """--arms mgs pg grpo: no lr_search jobs, no chosen lr, and the arms stage plans its runs (a bug: the
+    arms stage read the lr search's validation scores, which this subset never makes)."""
+    repro = Reproduction("mt", "tiny", tmp_path, only_arms=["mgs", "pg", "grpo"])
+    for rule, dirs in repro.calibration_dirs().items():
+        for d in dirs:
+            d.mkdir(parents=True)
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "step_s": 0.25}) + "\n"
+                                                     for s in (1, 2, 3)))
+    assert sorted(repro.calibration_dirs()) == ["grpo", "mgs", "pg"]
+    assert repro.stage_lr_search() == [] and repro.best_lr() is None
+    assert {(b, a) for b, a, _ in repro.arm_runs()} == {(b, a) for b in ("equal_time", "equal_steps")
+                                                        for a in ("pg", "grpo", "mgs")}
+    assert len(repro.stage_arms()) == 3 * len(repro.seeds)  # equal steps = equal time here: one run each
+
 def _reproduce(tmp_path, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     docs = tmp_path / "docs"
