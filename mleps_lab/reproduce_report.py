@@ -4,8 +4,10 @@ collect(reproduction)  -> one dict of every number (the JSON)
 write_report(results)  -> docs/results.md, the plots, the JSON and a CSV (one row per run)
 
 Significance is sacrebleu's paired bootstrap (1,000 resamples, its fixed seed 12345) on the
-greedy test predictions, per seed: each arm against continued MLE, and MGS against every other
-arm (MGS-blind included). The verdict is written from these numbers, never by hand.
+greedy test predictions, per seed: each arm against continued MLE, MGS against every other
+arm (MGS-blind included), GRPO against PG. The verdict is written from these numbers, never by hand.
+The report leaves MGS out of a run without its controls (reportable); the JSON keeps every run, and
+`python -m mleps_lab.reproduce_report JSON --results-md MD --img-dir DIR` renders a report again from it.
 """
 from __future__ import annotations
 
@@ -251,10 +253,14 @@ def collect(repro, commands: dict) -> dict:
         results["limits"] = {str(limit): json.loads(repro.limit_file(limit).read_text()) for limit in repro.limits()}
     if task.name == "completion_paper":
         results["paired"] = paired_tests(rows)
-        results["verdict"] = completion_paper_verdict(results)
-    else:
-        results["verdict"] = completion_verdict(results) if task.name == "completion" else verdict(results)
+    results["verdict"] = task_verdict(results)
     return results
+
+
+def task_verdict(results: dict) -> list[str]:
+    if results["task"] == "completion_paper":
+        return completion_paper_verdict(results)
+    return completion_verdict(results) if results["task"] == "completion" else verdict(results)
 
 
 def side_by_side(repro, rows: list[dict], n: int = 5) -> list[dict]:
@@ -311,11 +317,12 @@ def significance(rows: list[dict], references: list[list[str]], metric: str) -> 
     for b, seeds in by.items():
         for seed, arms in seeds.items():
             pairs = {}
-            for baseline in ("mle", "mgs", "mgs_blind"):
+            for baseline in ("mle", "mgs", "mgs_blind", "pg"):
                 # every arm against continued MLE, the other rules against MGS, extra arms (--arm) also against
-                # MGS-blind: each pair once
+                # MGS-blind, GRPO against PG (what group advantages and the KL anchor add): each pair once
                 others = [(a, h) for a, h in arms.items() if a != baseline and (
-                    baseline == "mle" or (baseline == "mgs" and a != "mle") or a not in STANDARD_ARMS)]
+                    baseline == "mle" or (baseline == "mgs" and a != "mle")
+                    or (baseline == "mgs_blind" and a not in STANDARD_ARMS) or (baseline == "pg" and a == "grpo"))]
                 if baseline in arms and others:
                     for a, res in paired_bootstrap((baseline, arms[baseline]), others, references, metrics).items():
                         pairs[f"{a} vs {baseline}"] = res
@@ -347,6 +354,17 @@ def verdict(results: dict) -> list[str]:
             text = compare_sentence("MGS", name[other], [sign * f["delta"] for f in found], [f["p"] for f in found],
                                     f"{metric} (greedy)")
             sentences.append(f"At {label}: {text}")
+        found = [seeds[s]["grpo vs pg"][key] for s in seeds if "grpo vs pg" in seeds[s]]
+        arms = results["summary"].get(b, {})
+        if found:
+            text = compare_sentence("GRPO", "PG", [f["delta"] for f in found], [f["p"] for f in found],
+                                    f"{metric} (greedy)")
+            sentences.append(f"At {label}: {text}")
+        elif "test_greedy" in arms.get("grpo", {}) and "test_greedy" in arms.get("pg", {}):
+            # runs from before the grpo-vs-pg bootstrap: the means only, said as such
+            delta = arms["grpo"]["test_greedy"][0] - arms["pg"]["test_greedy"][0]
+            sentences.append(f"At {label}: GRPO minus PG on test {metric} (greedy): mean Δ {delta:+.2f} over "
+                             f"{len(results['seeds'])} seeds (no paired test of the two in this run).")
         for extra in sorted({p.split(" vs ")[0] for s in seeds.values() for p in s} - set(STANDARD_ARMS)):
             for other in ("mle", "mgs_blind"):
                 found = [seeds[s][f"{extra} vs {other}"][key] for s in seeds if f"{extra} vs {other}" in seeds[s]]
@@ -527,6 +545,10 @@ def arm_names(results: dict) -> dict[str, str]:
     return {**ARM_NAMES, **PAPER_ARM_NAMES} if results.get("task") == "completion_paper" else ARM_NAMES
 
 
+def label_of_arm(results: dict, arm: str) -> str:
+    return arm_names(results).get(arm, arm)
+
+
 def plot_curves(rows: list[dict], budget: str, metric: str, out: Path, names: dict[str, str] = ARM_NAMES) -> Path:
     """Validation score against step and against training time: mean over seeds, min-max band."""
     import matplotlib
@@ -580,7 +602,9 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
     lines = [f"# Results: {results['task']} ({results['budget']} budget)", "",
              f"Written by `{command}` at commit `{results['commit']}` on {results['date']}; every number below "
              f"comes from runs of that command (the JSON with all of them: [{Path(json_link).name}]({json_link})). "
-             "Do not edit by hand: run the command again.", "",
+             "Do not edit by hand: run the command again."
+             + (f" Rendered again from that JSON by `{results['rendered_by']}` at commit `{git_commit()}`."
+                if results.get("rendered_by") else ""), "",
              "## Setup", "", results["notes"], "",
              f"Seeds {', '.join(map(str, results['seeds']))}. Equal training time: T = {results['train_s']:g} s "
              f"per arm, turned into a fixed step count per rule by a calibration ({results['calibration']['rounds']} "
@@ -589,6 +613,13 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
              "the arms are deterministic whatever the machine's load."
              + ("" if "equal_steps" not in results["calibration"]["arm_steps"] else
                 " Equal steps: every rule runs MGS's step count."), ""]
+    if results.get("withheld"):
+        w = results["withheld"]
+        lines += [f"Not reported: {', '.join(label_of_arm(results, a) for a in w['arms'])}. This run has no "
+                  f"{' and no '.join(CONTROL_NAMES[a] for a in w['missing'])} arm, and an MGS number means "
+                  "something only beside MGS-blind and continued MLE from the same start and budget (see "
+                  "mleps_lab/reproduce_report.py: reportable). MGS still ran, to set the equal-steps count below; "
+                  "its runs are in the JSON and CSV.", ""]
     steps = results["calibration"]["arm_steps"]
     header = ["rule", "s/step (calibration)"] + [f"steps, {b.replace('_', ' ')}" for b in steps]
     label_of = arm_names(results)
@@ -642,7 +673,7 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
         if b in plots:
             lines += [f"![validation {m} against step and time, {b}]({plots[b]})", ""]
         sig = results.get("significance", {}).get(b)
-        if sig:
+        if sig and any(sig.values()):
             pairs = list(dict.fromkeys(p for s in sig.values() for p in s))
             metrics = list(next(iter(next(iter(sig.values())).values())))
             header = ["comparison (greedy)"] + [f"seed {s}: Δ{mm} (p)" for s in sig for mm in metrics]
@@ -700,12 +731,42 @@ def markdown(results: dict, plots: dict[str, str], json_link: str, command: str)
     return "\n".join(lines)
 
 
+CONTROLS = ("mle", "mgs_blind")  # what an MGS number needs beside it to say anything about MGS's weights
+CONTROL_NAMES = {"mle": "continued-MLE", "mgs_blind": "MGS-blind"}
+
+
+def reportable(results: dict) -> dict:
+    """The results the report shows. MGS is reported only beside MGS-blind (the same search with uniform
+    weights) and continued MLE from the same start and budget: without them a gain over the base or PG could be
+    the perturbations' average or more MLE, not the importance weights. A run without those arms (--arms mgs pg
+    grpo) still runs MGS, whose step count sets equal steps; the report then leaves its numbers out (the JSON
+    and CSV keep every run) and says so."""
+    arms = {r["arm"] for r in results["runs"]}
+    missing = [a for a in CONTROLS if a not in arms]
+    if not missing or not arms & {"mgs", "mgs_default"}:
+        return results
+    hidden = {"mgs", "mgs_default"}
+    keep = lambda pair: not hidden & set(pair.split(" vs "))  # noqa: E731
+    out = {**results, "runs": [r for r in results["runs"] if r["arm"] not in hidden],
+           "summary": {b: {a: s for a, s in arms_.items() if a not in hidden}
+                       for b, arms_ in results["summary"].items()},
+           "examples": [], "withheld": {"arms": sorted(hidden & arms), "missing": missing}}
+    for name in ("significance", "paired"):
+        if results.get(name):
+            out[name] = {b: {seed: {p: v for p, v in pairs.items() if keep(p)} for seed, pairs in seeds.items()}
+                         for b, seeds in results[name].items()}
+    out["verdict"] = task_verdict(out)
+    return out
+
+
 def write_report(results: dict, md: Path, img_dir: Path, json_path: Path, command: str) -> dict[str, Path]:
     """The markdown, one plot per budget, the JSON and a CSV beside it. Returns what was written."""
     written = {}
     plots = {}
-    for b in results["summary"]:
-        path = plot_curves(results["runs"], b, results["metric"], img_dir / f"{results['task']}-{b}.png",
+    results = {**results, "command": results.get("command", command)}
+    report = reportable(results)
+    for b in report["summary"]:
+        path = plot_curves(report["runs"], b, results["metric"], img_dir / f"{results['task']}-{b}.png",
                            arm_names(results))
         written[f"plot_{b}"] = path
         plots[b] = os.path.relpath(path, md.parent)
@@ -714,6 +775,31 @@ def write_report(results: dict, md: Path, img_dir: Path, json_path: Path, comman
     written["csv"] = json_path.with_suffix(".csv")
     write_csv(results["runs"], written["csv"], results["decodes"], results.get("test_keys"))
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(markdown(results, plots, os.path.relpath(json_path, md.parent), command), encoding="utf-8")
+    md.write_text(markdown(report, plots, os.path.relpath(json_path, md.parent), command), encoding="utf-8")
     written["markdown"] = md
     return written
+
+
+def main(argv=None) -> None:
+    """Render a report again from its JSON (after a change to the report, with the runs long gone)."""
+    import argparse
+    import shlex
+
+    p = argparse.ArgumentParser(prog="python -m mleps_lab.reproduce_report", description=main.__doc__)
+    p.add_argument("json", type=Path, help="a docs/results/<task>.json written by scripts/reproduce.py")
+    p.add_argument("--results-md", type=Path, required=True)
+    p.add_argument("--img-dir", type=Path, required=True)
+    p.add_argument("--command", help="the reproduce.py command that ran it (default: the one in the JSON)")
+    args = p.parse_args(argv)
+    results = json.loads(args.json.read_text())
+    command = args.command or results.get("command")
+    if not command:
+        raise SystemExit(f"error: {args.json} does not record the command that ran it: pass --command")
+    results["rendered_by"] = " ".join(["python -m mleps_lab.reproduce_report"] + [shlex.quote(str(a)) for a in (
+        args.json, "--results-md", args.results_md, "--img-dir", args.img_dir)])
+    written = write_report(results, args.results_md, args.img_dir, args.json, command)
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+if __name__ == "__main__":
+    main()

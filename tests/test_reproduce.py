@@ -265,3 +265,67 @@ def test_a_killed_stage_keeps_the_time_of_its_finished_jobs(tmp_path):
     with pytest.raises(RunFailed):  # resumed: "ok" is done and skipped, "bad" fails again
         repro.run()
     assert repro.stage_seconds()["test"] == first  # no job finished this time: nothing added
+
+
+def test_grpo_is_tested_against_pg(tmp_path):
+    """GRPO against PG is the pair that says what group advantages and the KL anchor add to REINFORCE."""
+    from mleps_lab.reproduce_report import significance, verdict
+
+    good = [r[0] for r in REFS]
+    bad = ["a man rides a bike", "dogs in snow", "a woman reads", "children swim"] * 10
+    rows = []
+    for arm, hyps in (("mle", bad), ("pg", bad), ("grpo", good), ("mgs", bad)):
+        path = tmp_path / f"{arm}.txt"
+        path.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        rows.append({"budget": "equal_time", "arm": arm, "seed": 0, "test": {"greedy": {"predictions": str(path)}}})
+    pairs = significance(rows, REFS, "bleu")["equal_time"]["0"]
+    assert pairs["grpo vs pg"]["bleu"]["delta"] > 30 and pairs["grpo vs pg"]["bleu"]["p"] < 0.01
+    assert "pg vs grpo" not in pairs and "mle vs pg" not in pairs and "mgs vs pg" not in pairs
+    sentences = verdict({"significance": {"equal_time": {"0": pairs}}, "metric": "bleu", "summary": {}})
+    assert "At equal time: GRPO beats PG on test BLEU (greedy)" in " ".join(sentences), sentences
+
+
+def _results(arms):
+    rows = [{"budget": "equal_steps", "arm": a, "seed": 0, "test": {}} for a in arms]
+    pairs = {f"{a} vs mgs": {"bleu": {"delta": 1.0, "p": 0.001}} for a in arms if a != "mgs"}
+    return {"task": "mt", "metric": "bleu", "seeds": [0], "runs": rows, "summary": {"equal_steps": {
+        a: {"test_greedy": [20.0 + i, 0.0]} for i, a in enumerate(arms)}},
+        "significance": {"equal_steps": {"0": pairs}}, "verdict": ["raw"]}
+
+
+def test_mgs_without_its_controls_is_left_out_of_the_report():
+    """An MGS number is reported only beside MGS-blind and continued MLE of the same run; the JSON keeps it."""
+    from mleps_lab.reproduce_report import reportable
+
+    results = _results(["pg", "grpo", "mgs"])
+    shown = reportable(results)
+    assert shown["withheld"] == {"arms": ["mgs"], "missing": ["mle", "mgs_blind"]}
+    assert [r["arm"] for r in shown["runs"]] == ["pg", "grpo"] and set(shown["summary"]["equal_steps"]) == {"pg", "grpo"}
+    assert shown["significance"]["equal_steps"]["0"] == {}
+    assert shown["verdict"] == ["At equal steps: GRPO minus PG on test BLEU (greedy): mean Δ +1.00 over 1 seeds "
+                                "(no paired test of the two in this run)."]
+    assert [r["arm"] for r in results["runs"]] == ["pg", "grpo", "mgs"] and results["verdict"] == ["raw"]
+    controlled = _results(["mle", "pg", "mgs", "mgs_blind"])
+    assert reportable(controlled) is controlled
+
+
+def test_a_report_renders_again_from_its_json(tmp_path):
+    """python -m mleps_lab.reproduce_report: the committed mt-grpo report, whose runs are gone, from its JSON."""
+    from mleps_lab.reproduce_report import main
+
+    source = json.loads((REPO / "docs" / "results" / "mt-grpo.json").read_text())
+    source.pop("command", None)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(source))
+    argv = [str(path), "--results-md", str(tmp_path / "r.md"), "--img-dir", str(tmp_path / "img")]
+    with pytest.raises(SystemExit, match="does not record the command"):
+        main(argv)
+    assert not (tmp_path / "r.md").exists()
+    main(argv + ["--command", "python scripts/reproduce.py mt --arms mgs pg grpo"])
+    md = (tmp_path / "r.md").read_text()
+    assert "Not reported: MGS" in md and "\n| GRPO | 8 |" in md
+    assert md.count("\n| MGS |") == 1 and "\n| MGS | 5.030 | 18 | 18 |" in md  # its calibration row only
+    assert "Rendered again from that JSON by `python -m mleps_lab.reproduce_report" in md
+    again = json.loads(path.read_text())
+    assert again["runs"] == source["runs"] and again["command"] == "python scripts/reproduce.py mt --arms mgs pg grpo"
+    assert {p.name for p in (tmp_path / "img").iterdir()} == {"mt-equal_time.png", "mt-equal_steps.png"}
