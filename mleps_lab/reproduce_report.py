@@ -252,7 +252,7 @@ def collect(repro, commands: dict) -> dict:
     if task.limits or repro.budget.limits:
         results["limits"] = {str(limit): json.loads(repro.limit_file(limit).read_text()) for limit in repro.limits()}
     if task.name == "completion_paper":
-        results["paired"] = paired_tests(rows)
+        results["paired"] = paired_tests(rows, baselines=("mle", "mgs_blind", "pg"))
     results["verdict"] = task_verdict(results)
     return results
 
@@ -471,6 +471,15 @@ def completion_paper_verdict(results: dict) -> list[str]:
                              f"guided samples; the K losses' spread (std of C(θ+Δ_k) - C(θ)) was "
                              f"{diag.get('loss_spread_std', float('nan')):.3f} and the best perturbation lowered the "
                              f"batch task loss by {diag['best_improvement']:.3f} on average.")
+    for b, seeds in (results.get("paired") or {}).items():
+        for other in ("pg", "mle"):  # what group advantages and the KL anchor add; against more MLE
+            for key, what, digits_ in (("task_loss", "task loss (summed NLL)", 2), ("seq_rep", "seq-rep-4", 3),
+                                       ("nontermination", "non-termination", 3)):
+                found = [seeds[s][f"grpo vs {other}"][key] for s in seeds if f"grpo vs {other}" in seeds[s]]
+                if found:
+                    sentences.append(f"At {b.replace('_', ' ')}: " + compare_sentence(
+                        "GRPO-LM", names[other], [-f["delta"] for f in found], [f["p"] for f in found],
+                        f"{what}, reduction", digits_))
     return sentences
 
 

@@ -39,11 +39,13 @@ def test_tiny_completion_paper_reproduction(tmp_path, data_dir):
         log = tmp_path / "runs" / "logs" / f"{r['run_dir'].split('/runs/')[1].replace('/', '_')}-greedy.log"
         assert f"metric.score_model={base}" in log.read_text()
     paired = results["paired"]["equal_time"]["0"]
-    assert {"mgs vs mle", "mgs vs mgs_blind", "mgs_default vs mgs_blind"} <= set(paired)
+    assert {"mgs vs mle", "mgs vs mgs_blind", "mgs_default vs mgs_blind", "grpo vs pg", "grpo vs mle"} <= set(paired)
+    assert "pg vs grpo" not in paired and "mle vs pg" not in paired  # each pair once
     assert set(paired["mgs vs mle"]) == {"task_loss", "seq_rep", "nontermination"}
     md = (docs / "c.md").read_text()
     assert "## Degeneration of the base against the decode limit" in md and "### Paired tests, equal time" in md
     assert "MGS-LM (paper's proposal)" in md and "2× reduction" in md and "+10 %" in md
+    assert any(v.startswith("At equal time: GRPO-LM") and "PG-LM on test task loss" in v for v in results["verdict"])
     assert len(results["examples"]) == 5
 
 
