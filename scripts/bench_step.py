@@ -550,8 +550,10 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
 
     from accelerate import Accelerator
 
+    from mleps.decoding import GENERATE_OBSERVERS
     from mleps.models import prepare_model
     from mleps.trainers import build_rule
+    from mleps.trainers.sequences import eos_ids
 
     tokenizer, train_ds, collate, metric = shared
     full = warm_model(size, args, tokenizer, train_ds, collate, device, log)
@@ -588,19 +590,27 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
         v["rule"].step(batch, 1)
         v["rule"].apply(v["optimizer"])
 
-    times = {name: [] for name in variants}
+    # the two variants' perturbed models decode different lengths: the decoded tokens separate the time an
+    # adapter saves per token from the time a longer (or shorter) decode costs
+    counter = DecodeCounter(eos_ids(full), device)
+    counter.install()
+    times, tokens = {name: [] for name in variants}, {name: [] for name in variants}
     for r in range(args.rounds + 1):  # round 0 warms up
         names = list(variants)[r % 2:] + list(variants)[:r % 2]
         for name in names:
             restore(variants[name])
+            counter.reset()
             sync()
             t0 = time.perf_counter()
             step(variants[name], batches[r])
             sync()
             if r:
                 times[name].append(time.perf_counter() - t0)
+                tokens[name].append(counter.tokens)
         if r:
-            log(f"[{size}] peft round {r}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in variants))
+            log(f"[{size}] peft round {r}/{args.rounds}: " + ", ".join(
+                f"{n} {times[n][-1]:.2f}s {tokens[n][-1]} tokens" for n in variants))
+    GENERATE_OBSERVERS.remove(counter)
     result = {"size": size, "batch_size": args.batch_size, "rounds": args.rounds, "lora_r": args.lora_r,
               "num_samples": args.num_samples, "variants": {}}
     for name, v in variants.items():
@@ -608,11 +618,13 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
         with PeakMemory(device) as mem:
             step(v, batches[-1])
         result["variants"][name] = {"step_s": statistics.median(times[name]), "trainable": v["trainable"],
+                                    "decoded_tokens": statistics.median(tokens[name]),
+                                    "ms_per_token": 1e3 * sum(times[name]) / max(sum(tokens[name]), 1),
                                     "state_bytes": v["state_bytes"], "peak_bytes": mem.peak,
                                     "step_bytes": mem.peak - mem.before}
         restore(v)
     full_r, lora_r = result["variants"]["full"], result["variants"]["lora"]
-    for key in ("step_s", "state_bytes", "peak_bytes", "step_bytes"):
+    for key in ("step_s", "decoded_tokens", "ms_per_token", "state_bytes", "peak_bytes", "step_bytes"):
         result[f"lora_over_full_{key}"] = lora_r[key] / full_r[key] if full_r[key] else float("nan")
     return result
 
@@ -620,11 +632,15 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
 def print_peft(result: dict, device) -> None:
     print(f"\n== {result['size']}: MGS step, whole model vs LoRA r={result['lora_r']} on {device}, batch "
           f"{result['batch_size']}, K={result['num_samples']}, medians of {result['rounds']} rounds ==")
-    print(f"{'variant':<8} {'trainable':>11} {'step s':>8} {'state MB':>9} {'peak MB':>9} {'step MB':>9}")
+    print(f"{'variant':<8} {'trainable':>11} {'step s':>8} {'tokens':>8} {'ms/token':>9} {'state MB':>9} "
+          f"{'peak MB':>9} {'step MB':>9}")
     for name, r in result["variants"].items():
-        print(f"{name:<8} {r['trainable']:>11,} {r['step_s']:>8.3f} {r['state_bytes'] / 2**20:>9.1f} "
+        print(f"{name:<8} {r['trainable']:>11,} {r['step_s']:>8.3f} {r['decoded_tokens']:>8.0f} "
+              f"{r['ms_per_token']:>9.3f} {r['state_bytes'] / 2**20:>9.1f} "
               f"{r['peak_bytes'] / 2**20:>9.1f} {r['step_bytes'] / 2**20:>9.1f}")
-    print(f"lora/full: step time {result['lora_over_full_step_s']:.3f}, state {result['lora_over_full_state_bytes']:.4f}, "
+    print(f"lora/full: step time {result['lora_over_full_step_s']:.3f}, decoded tokens "
+          f"{result['lora_over_full_decoded_tokens']:.3f}, step time per decoded token "
+          f"{result['lora_over_full_ms_per_token']:.3f}, state {result['lora_over_full_state_bytes']:.4f}, "
           f"peak {result['lora_over_full_peak_bytes']:.3f}")
 
 

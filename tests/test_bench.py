@@ -55,4 +55,9 @@ def test_bench_step_peft_smoke(data_dir, tmp_path):
     summary, out = bench_summary(data_dir, tmp_path, "--peft", "--lora-r", "2", "--num-samples", "2", timeout=600)
     assert 0 < summary["lora_over_full_state_bytes"] < 1, summary  # the adapter is a small part of the model
     assert summary["lora_over_full_step_s"] > 0
-    assert "whole model vs LoRA" in out
+    # decoded tokens were counted, and the per-token ratio is the time ratio over the token ratio (up to the
+    # medians' difference from the sums: loose)
+    assert summary["lora_over_full_decoded_tokens"] > 0
+    assert summary["lora_over_full_ms_per_token"] == pytest.approx(
+        summary["lora_over_full_step_s"] / summary["lora_over_full_decoded_tokens"], rel=0.5)
+    assert "whole model vs LoRA" in out and "ms/token" in out
