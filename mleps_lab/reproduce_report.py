@@ -772,7 +772,7 @@ def write_report(results: dict, md: Path, img_dir: Path, json_path: Path, comman
     """The markdown, one plot per budget, the JSON and a CSV beside it. Returns what was written."""
     written = {}
     plots = {}
-    results = {**results, "command": results.get("command", command)}
+    results = {**results, "command": command}  # kept, so the report can be rendered again from the JSON alone
     report = reportable(results)
     for b in report["summary"]:
         path = plot_curves(report["runs"], b, results["metric"], img_dir / f"{results['task']}-{b}.png",
