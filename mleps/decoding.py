@@ -3,6 +3,7 @@ and `DecodedBatch`, the one input every task loss (mleps.task_loss) receives."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,11 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     model.eval()
     kwargs = dict(do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                   num_beams=num_beams, length_penalty=length_penalty, temperature=temperature)
-    if _sharded(model):  # FSDP: each forward gathers weights from every process, so all step until all stop
+    sharded = _fully_sharded(model)
+    if sharded:  # FSDP: each forward gathers weights from every process, so all step until all stop
         kwargs["synced_gpus"] = True
     t0 = time.perf_counter() if GENERATE_OBSERVERS else 0.0
-    with torch.no_grad():
+    with torch.no_grad(), (_root_gathered(model) if sharded else nullcontext()):
         out = family_for(model).generate(model, batch, **kwargs)
     model.train(was_training)
     for observe in GENERATE_OBSERVERS:
@@ -35,10 +37,27 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     return out
 
 
-def _sharded(model) -> bool:
-    """Parameters that are FSDP2 shards (DTensors)."""
-    first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "to_local")
+def _fully_sharded(model) -> bool:
+    """The model is an FSDP2 root (a parameter's type says less: FSDP2 swaps a unit's DTensor shards for
+    plain tensors while the unit is gathered)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def _root_gathered(model):
+    """FSDP2 gathers a unit's parameters in the unit's forward hooks. An encoder-decoder's generate calls
+    the encoder, never the root's forward, so (1) torch has not yet decided which unit is the root if no
+    training forward ran first (it raises "requires running forward through the root module first"), and
+    (2) the root's own parameters (those in no layer unit, e.g. Marian's position tables) stay shards.
+    Both are settled before the call; the root is sharded again after it."""
+    model._get_fsdp_state()._lazy_init()  # what the root's first forward does; torch has no public call
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def to_texts(tokenizer, ids: torch.Tensor) -> list[str]:

@@ -6,6 +6,8 @@ one would leave the others waiting, which `collective_timeout_s` turns into an e
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -44,6 +46,36 @@ def on_main_then_broadcast(accelerator, fn):
 def is_sharded(accelerator) -> bool:
     """FSDP: every process holds a shard of each parameter, not a full copy (DDP)."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config (it passes the choice on in the environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def share_tied_embeddings(model) -> None:
+    """Encoder-decoders in transformers 5 hold the tied token embedding in three modules (shared,
+    encoder.embed_tokens, decoder.embed_tokens) of one class around one weight. accelerate's FSDP2
+    wrapping puts the input and output embeddings in one unit and leaves the other holders to the root,
+    and torch (>= 2.13) refuses a parameter seen by two units. Making the holders one module object (they
+    differ in nothing but their name) leaves one unit holding it; outputs and saved keys are unchanged."""
+    embed = model.get_input_embeddings()
+    if embed is None:
+        return
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if (module is not embed and getattr(module, "weight", None) is embed.weight and type(module) is type(embed)
+                and module.extra_repr() == embed.extra_repr()
+                and getattr(module, "embed_scale", None) == getattr(embed, "embed_scale", None)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, embed)
+
+
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """A gathered full state dict names a tied weight once per holder, each a separate copy, so
+    save_pretrained cannot see the tie and would write them all. Keep the names a one-process save
+    keeps: one per parameter object."""
+    keep = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in state_dict.items() if name in keep}
 
 
 def local_tensors(model):

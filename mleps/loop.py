@@ -203,6 +203,9 @@ class Loop:
         if self.accelerator.num_processes != launched:
             raise UserError(f"launched as {launched} processes, but accelerate joined "
                             f"{self.accelerator.num_processes}: on a machine without GPUs pass cpu=true")
+        if distributed.fsdp_requested() and not distributed.is_sharded(self.accelerator):
+            raise UserError("the accelerate config asks for FSDP, but accelerate shards only on GPUs and would "
+                            "train with DDP here: use conf/accelerate/cpu_2proc.yaml on CPUs")
         if distributed.is_sharded(self.accelerator):
             self._check_sharding()
         self.is_main = self.accelerator.is_main_process
@@ -351,6 +354,8 @@ class Loop:
         optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
                                       fused=_fused_adamw_supported(self.accelerator.device) or None)
         scheduler = build_scheduler(optimizer, tcfg)
+        if distributed.is_sharded(self.accelerator):
+            distributed.share_tied_embeddings(self.model)
         model, optimizer = self.accelerator.prepare(self.model, optimizer)
         self.prepared = model  # the wrapped model, which FSDP's gathering collectives take
         rule_cls = rule_class(tcfg.name)
@@ -444,7 +449,8 @@ class Loop:
             log.warning("step %d: the model has non-finite weights; %s not saved", self.state["step"], name)
         else:
             # FSDP: the full weights and optimizer state are gathered from every process's shard (collectives)
-            weights = self.accelerator.get_state_dict(self.prepared) if sharded else None
+            weights = (distributed.without_tied_copies(self.model, self.accelerator.get_state_dict(self.prepared))
+                       if sharded else None)
             optimizer_state = (distributed.full_optimizer_state(self.prepared, optimizer)
                                if sharded and optimizer is not None else None)
             if self.is_main:
