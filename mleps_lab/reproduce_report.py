@@ -252,7 +252,7 @@ def collect(repro, commands: dict) -> dict:
     if task.limits or repro.budget.limits:
         results["limits"] = {str(limit): json.loads(repro.limit_file(limit).read_text()) for limit in repro.limits()}
     if task.name == "completion_paper":
-        results["paired"] = paired_tests(rows, baselines=("mle", "mgs_blind", "pg"))
+        results["paired"] = paired_tests(rows, baselines=("mle", "mgs_blind", "pg", "grpo"))
     results["verdict"] = task_verdict(results)
     return results
 
@@ -472,13 +472,18 @@ def completion_paper_verdict(results: dict) -> list[str]:
                              f"{diag.get('loss_spread_std', float('nan')):.3f} and the best perturbation lowered the "
                              f"batch task loss by {diag['best_improvement']:.3f} on average.")
     for b, seeds in (results.get("paired") or {}).items():
-        for other in ("pg", "mle"):  # what group advantages and the KL anchor add; against more MLE
+        # GRPO: what group advantages and the KL anchor add over PG; against more MLE. An extra arm grpo_X
+        # (--arm, e.g. grpo_nokl='trainer=grpo trainer.kl_coef=0'): what taking X out of GRPO changes.
+        variants = sorted({p.split(" vs ")[0] for s in seeds.values() for p in s if p.startswith("grpo_")})
+        comparisons = [("grpo", "GRPO-LM", other) for other in ("pg", "mle")]
+        comparisons += [(v, v, other) for v in variants for other in ("grpo", "pg")]
+        for arm, label, other in comparisons:
             for key, what, digits_ in (("task_loss", "task loss (summed NLL)", 2), ("seq_rep", "seq-rep-4", 3),
                                        ("nontermination", "non-termination", 3)):
-                found = [seeds[s][f"grpo vs {other}"][key] for s in seeds if f"grpo vs {other}" in seeds[s]]
+                found = [seeds[s][f"{arm} vs {other}"][key] for s in seeds if f"{arm} vs {other}" in seeds[s]]
                 if found:
                     sentences.append(f"At {b.replace('_', ' ')}: " + compare_sentence(
-                        "GRPO-LM", names[other], [-f["delta"] for f in found], [f["p"] for f in found],
+                        label, names.get(other, other), [-f["delta"] for f in found], [f["p"] for f in found],
                         f"{what}, reduction", digits_))
     return sentences
 

@@ -85,3 +85,23 @@ def test_an_arm_subset_with_a_borrowed_calibration(tmp_path):
             Reproduction("completion_paper", "long", tmp_path / "x", base=base, only_arms=arms)
     with pytest.raises(UserError, match="unknown budget 'long' for mt"):
         Reproduction("mt", "long", tmp_path / "y")
+
+
+def test_an_extra_grpo_arm_is_compared_with_grpo_and_pg_in_the_verdict():
+    """--arm grpo_nokl='trainer=grpo trainer.kl_coef=0': the verdict says what taking the KL out changed."""
+    from mleps_lab.reproduce_report import completion_paper_verdict
+
+    def pair(delta, p):
+        return {key: {"delta": delta, "p": p, "ci95": [delta, delta]} for key in ("task_loss", "seq_rep",
+                                                                                  "nontermination")}
+
+    seeds = {str(s): {"grpo_nokl vs grpo": pair(-5.0, 0.01), "grpo_nokl vs pg": pair(2.0, 0.5),
+                      "grpo vs pg": pair(3.0, 0.4)} for s in (0, 1)}
+    results = {"base": {"test": {"greedy": {"nontermination": 0.3, "seq_rep": 0.7, "perplexity": 70.0}}},
+               "summary": {}, "paired": {"equal_time": seeds}}
+    verdict = completion_paper_verdict(results)
+    against_grpo = [v for v in verdict if v.startswith("At equal time: grpo_nokl") and "GRPO-LM" in v]
+    against_pg = [v for v in verdict if v.startswith("At equal time: grpo_nokl") and "PG-LM" in v]
+    assert len(against_grpo) == 3 and len(against_pg) == 3
+    assert "beats GRPO-LM on test task loss" in against_grpo[0] and "all 2 seeds" in against_grpo[0]
+    assert "not distinguishable from PG-LM" in against_pg[0]
