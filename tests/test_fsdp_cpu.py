@@ -76,29 +76,23 @@ def assert_same_run(ours, theirs):
                                                                                          abs=1e-9)
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-def test_fsdp_mle_on_marian_equals_one_process_bit_for_bit(tmp_path, data_dir, peft):
-    """Marian's three holders of its tied embedding in one unit, the first validation's generate before any
-    training forward (the root gathered by hand), and the gathered save (with LoRA: base and adapter)."""
-    extra = [f"model.peft={peft}", "trainer.save_every=2"]
+def test_fsdp_mle_with_lora_on_marian_equals_one_process_bit_for_bit(tmp_path, data_dir):
+    """A LoRA adapter on the sharded model: the base and adapter files of the gathered save."""
+    extra = ["model.peft=lora", "trainer.save_every=2"]
     proc = fsdp_launch(*overrides(data_dir, "mle", *extra), f"output_dir={tmp_path / 'fsdp'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one_process(tmp_path / "one", data_dir, "mle", *extra)
     assert_same_run(tmp_path / "fsdp", tmp_path / "one")
-    if peft == "lora":
-        ours, theirs = (load_file(str(run / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors"))
-                        for run in (tmp_path / "fsdp", tmp_path / "one"))
-        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-        assert any(v.abs().sum() > 0 for k, v in ours.items() if "lora_B" in k), "the adapter did not train"
-    else:
-        initial = initial_weights(tmp_path / "init", data_dir, "mle")
-        ours = saved_weights(tmp_path / "fsdp")
-        assert any(not torch.equal(ours[k], initial[k]) for k in ours), "training did not move the weights"
+    ours, theirs = (load_file(str(run / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors"))
+                    for run in (tmp_path / "fsdp", tmp_path / "one"))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(v.abs().sum() > 0 for k, v in ours.items() if "lora_B" in k), "the adapter did not train"
 
 
 def test_fsdp_pg_resumed_equals_one_process_bit_for_bit(tmp_path, data_dir):
-    """Training decodes in step on both processes, the optimizer state gathered at save and loaded into
-    the shards on resume."""
+    """The whole of Marian sharded: its three holders of the tied embedding in one unit, the first
+    validation's generate before any training forward (the root gathered by hand), training decodes in
+    step on both processes, the gathered save, and its optimizer state loaded into the shards on resume."""
     run = tmp_path / "fsdp"
     args = [*overrides(data_dir, "pg"), "trainer.save_every=1", f"output_dir={run}"]
     first = fsdp_launch(*args, "trainer.max_steps=2")
@@ -108,6 +102,8 @@ def test_fsdp_pg_resumed_equals_one_process_bit_for_bit(tmp_path, data_dir):
     assert [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["split"] == "train"] == [1, 2, 3, 4]
     one_process(tmp_path / "one", data_dir, "pg", "trainer.max_steps=4", "trainer.save_every=1")
     assert_same_run(run, tmp_path / "one")
+    initial, ours = initial_weights(tmp_path / "init", data_dir, "pg"), saved_weights(run)
+    assert any(not torch.equal(ours[k], initial[k]) for k in ours), "training did not move the weights"
 
 
 def test_fsdp_mrt_on_gpt2_equals_one_process_bit_for_bit(tmp_path, data_dir):
@@ -125,9 +121,13 @@ def test_fsdp_refuses_mgs_at_start_with_one_line(tmp_path, data_dir):
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
-def test_the_fsdp_config_on_cpus_without_the_shim_is_refused_not_run_as_ddp(tmp_path, data_dir):
-    """accelerate would quietly train with DDP: the user asked for sharding, so say it cannot happen."""
+def test_the_fsdp_config_on_cpus_without_the_shim_is_refused_not_run_as_ddp(tmp_path, data_dir, capfd, monkeypatch):
+    """accelerate would quietly train with DDP: the user asked for sharding, so say it cannot happen. One
+    process with the environment `accelerate launch --config_file conf/accelerate/fsdp.yaml` sets."""
+    from conftest import assert_user_error, run_main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     run = tmp_path / "fsdp"
-    errors = one_line_errors(fsdp_launch(*overrides(data_dir, "mle"), f"output_dir={run}", entry=("-m", "mleps.train")))
-    assert errors and all("asks for FSDP" in e and "cpu_2proc.yaml" in e for e in errors)
+    code, _, err = run_main("mleps.train", *overrides(data_dir, "mle"), f"output_dir={run}", capfd=capfd)
+    assert_user_error(code, err, "asks for FSDP", "cpu_2proc.yaml")
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
