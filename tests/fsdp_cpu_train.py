@@ -13,11 +13,11 @@ run FSDP on GPUs with the shipped config.
 """
 from __future__ import annotations
 
+import runpy
 import sys
 from pathlib import Path
 
 import accelerate
-import hydra
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -25,8 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mleps.loop  # noqa: E402
-from mleps.errors import exit_on_user_error, run_hydra  # noqa: E402
-from mleps.train import run_from_command_line  # noqa: E402
 
 
 class CPUFullyShardedAccelerator(accelerate.Accelerator):
@@ -39,12 +37,7 @@ class CPUFullyShardedAccelerator(accelerate.Accelerator):
         self.state.fsdp_plugin = plugin
 
 
-@hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="train")
-@exit_on_user_error
-def train(cfg) -> None:
-    run_from_command_line(cfg)
-
-
 if __name__ == "__main__":
     mleps.loop.Accelerator = CPUFullyShardedAccelerator
-    run_hydra(train)
+    # the CLI itself, as `python -m mleps.train` runs it (Hydra finds conf/ from its __main__ file)
+    runpy.run_module("mleps.train", run_name="__main__", alter_sys=True)

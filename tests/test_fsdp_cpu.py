@@ -115,7 +115,8 @@ def test_fsdp_mrt_on_gpt2_equals_one_process_bit_for_bit(tmp_path, data_dir):
 
 def test_fsdp_refuses_mgs_at_start_with_one_line(tmp_path, data_dir):
     run = tmp_path / "fsdp"
-    errors = one_line_errors(fsdp_launch(*overrides(data_dir, "mgs"), f"output_dir={run}"))
+    proc = fsdp_launch(*overrides(data_dir, "mgs"), f"output_dir={run}")
+    errors = one_line_errors(proc)
     assert errors and all("trainer=mgs reads and writes whole parameters" in e and "multi_gpu.yaml" in e
                           for e in errors), proc.stderr[-3000:]
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
