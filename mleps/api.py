@@ -12,7 +12,7 @@
     trainer.model                      # the trained model (checkpoints/{best,last} are in output_dir)
 
 Everything is a config value first: `config` holds the CLI's overrides (a list of "key=value", or a
-dict), composed with conf/train.yaml by Hydra exactly as on the command line, so a wrong type fails
+dict), composed with mleps/conf/train.yaml by Hydra exactly as on the command line, so a wrong type fails
 at once naming the key and an unknown key is refused at the start of `train()`. The arguments are
 shortcuts for the usual ones (`model="t5-small"` is model=hf model.name_or_path=t5-small, a file
 path for a dataset is data.train_file=PATH) or Python objects the config cannot hold:
@@ -39,19 +39,19 @@ from omegaconf import DictConfig
 from mleps.errors import UserError
 from mleps.task_loss import TaskLoss
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BUILT_IN_MODELS = ("tiny_marian", "tiny_gpt2")
 
 
 def compose_config(overrides: Sequence[str] | dict = ()) -> DictConfig:
-    """conf/train.yaml with the CLI's overrides, composed and type-checked by Hydra as the command line is."""
+    """mleps/conf/train.yaml with the CLI's overrides, composed and type-checked by Hydra as the command line is."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import mleps.train  # noqa: F401  (the run_dir resolver conf/train.yaml names)
-    from mleps.config import register_configs
+    import mleps.train  # noqa: F401  (the run_dir resolver mleps/conf/train.yaml names)
+    from mleps.config import conf_dir, register_configs
 
     register_configs()
+    config_dir = conf_dir("train")
     if GlobalHydra.instance().is_initialized():  # e.g. inside a Hydra app of the caller's
         GlobalHydra.instance().clear()
     from hydra.errors import HydraException
@@ -60,7 +60,7 @@ def compose_config(overrides: Sequence[str] | dict = ()) -> DictConfig:
     from mleps.errors import hydra_message
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose(config_name="train", overrides=as_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as e:  # the CLI's one line: the key, and what is wrong
         raise UserError(hydra_message(e)) from None
@@ -171,6 +171,8 @@ class Trainer:
 
 
 def _metric_override(name: str) -> str:
-    """metric=<name> where conf/metric has its yaml (its defaults too), else metric.name=<name> (a loss
+    """metric=<name> where mleps/conf/metric has its yaml (its defaults too), else metric.name=<name> (a loss
     registered by the caller's code, with the metric.* options as they are)."""
+    from mleps.config import CONF_DIR
+
     return f"metric={name}" if (CONF_DIR / "metric" / f"{name}.yaml").is_file() else f"metric.name={name}"

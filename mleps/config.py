@@ -1,6 +1,6 @@
 """Typed schemas for every config group, registered with Hydra's ConfigStore.
 
-The YAML files under conf/ hold the values; these dataclasses hold the types, so a
+The YAML files under mleps/conf/ hold the values; these dataclasses hold the types, so a
 wrong type (`trainer.lr=abc`) fails at start with Hydra's message naming the key.
 Each update rule's schema (a `TrainerConfig` subclass with the knobs it reads) lives in its own
 module under mleps/trainers and is registered from the rules' table.
@@ -8,13 +8,16 @@ module under mleps/trainers and is registered from the rules' table.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 import mleps.losses  # noqa: F401  (registers the built-in task losses, whose options MetricConfig holds)
+from mleps.errors import UserError
 from mleps.task_loss import option_fields
 
 # Each update rule owns its schema beside its step (mleps/trainers); re-exported here with the others.
@@ -26,7 +29,11 @@ from mleps.trainers.mrt import MRTConfig
 from mleps.trainers.pg import PGConfig
 from mleps.trainers.sequences import SequenceSamplingConfig
 
-__all__ = ["DataConfig", "ModelConfig", "MetricConfig", "EvalConfig", "DecodeConfig", "TrainConfig", "EvaluateConfig",
+# The YAML files ship inside the package (package data in pyproject.toml): found beside the installed
+# module, so a wheel installed anywhere runs from any working directory.
+CONF_DIR = Path(str(importlib.resources.files("mleps") / "conf"))
+
+__all__ = ["CONF_DIR", "conf_dir", "DataConfig", "ModelConfig", "MetricConfig", "EvalConfig", "DecodeConfig", "TrainConfig", "EvaluateConfig",
            "TrainerConfig", "MLEConfig", "MGSConfig", "SequenceSamplingConfig", "PGConfig", "MRTConfig",
            "register_configs"]
 
@@ -71,8 +78,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # tiny_marian | tiny_gpt2 | hf
-    name_or_path: Optional[str] = None  # hf: hub name or local folder
+    name: str = MISSING  # tiny_marian | tiny_gpt2 | smollm2 | hf
+    name_or_path: Optional[str] = None  # hf: hub name or local folder; smollm2: its prepared folder
+    gguf_file: Optional[str] = None  # hf: a GGUF file in that folder (or a path), dequantised (mleps.pretrained)
     kind: str = "auto"  # hf: auto (from the checkpoint's config) | causal | seq2seq
     source_prefix: str = ""  # T5-style task prompt, e.g. "translate German to English: "
     trust_remote_code: bool = False
@@ -180,3 +188,12 @@ def register_configs() -> None:
     cs.store(group="metric", name="metric_schema", node=MetricConfig)
     for name, rule in RULES.items():  # every registered rule's own schema
         cs.store(group="trainer", name=f"{name}_schema", node=rule.schema)
+
+
+def conf_dir(config_name: str) -> Path:
+    """CONF_DIR, after checking that it holds <config_name>.yaml: a package installed without its configs
+    (a wheel built without package data, a file deleted) fails with one line instead of Hydra's search-path report."""
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        raise UserError(f"{CONF_DIR / config_name}.yaml is missing from the installed mleps package: reinstall it "
+                        f"(pip install --force-reinstall mleps, or `make install` in a checkout)")
+    return CONF_DIR

@@ -86,7 +86,8 @@ def hydra_message(e: BaseException) -> str:
         return f"cannot create the run dir {e.filename}: {e.strerror or e}: pass output_dir=A_WRITABLE_FOLDER"
     parts, options = [], []
     for err in chain:
-        for line in str(err).splitlines():
+        # Hydra lists its config search path after the options: where it looked, not what to type.
+        for line in str(err).split("Config search path:")[0].splitlines():
             if line.startswith("\t"):
                 if not line.strip().endswith("_schema"):
                     options.append(line.strip())

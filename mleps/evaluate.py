@@ -25,17 +25,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from mleps.config import register_configs
+from mleps.config import CONF_DIR, conf_dir, register_configs
 from mleps.errors import UserError, exit_on_user_error, run_hydra
 
 log = logging.getLogger("mleps")
 register_configs()
 
 
-def default_predictions_name(data_cfg, split: str) -> str:
-    """predictions-<data>-<split>-<file stem>-<hash of its path>.txt: two local test files (even two
-    test.jsonl in different folders) never write over each other's predictions. data.dataset: the
-    dataset's name and its split (slice) instead of the file."""
+def default_predictions_name(data_cfg, split: str, settings: dict | None = None) -> str:
+    """predictions-<data>-<split>-<file stem>-<hash>.txt. The hash covers the data file's path (two local
+    test files, even two test.jsonl in different folders, never write over each other's predictions;
+    data.dataset: the dataset's name and its split (slice) instead of the file) and `settings`: everything
+    else that changes what is written (decode settings, metric, eval.metrics, data options, source prefix,
+    seed), so an evaluation with other settings never replaces an earlier one's file."""
     from mleps.data import data_path, uses_dataset
 
     if uses_dataset(data_cfg):
@@ -46,8 +48,67 @@ def default_predictions_name(data_cfg, split: str) -> str:
     else:
         file = data_path(data_cfg[f"{split}_file"]).resolve()  # one name for one file, whatever links lead to it
         source, stem = str(file), file.stem
-    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    key = str(source) if settings is None else json.dumps([str(source), settings], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"predictions-{data_cfg.name}-{split}-{stem}-{digest}.txt"
+
+
+def output_settings(cfg, prefix: str) -> dict:
+    """What changes the predictions or the per-example losses besides the checkpoint and the data file."""
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    data = {k: v for k, v in plain(cfg.data).items() if not k.endswith(("_file", "_split"))}  # the source says those
+    return {"decode": plain(cfg.decode), "metric": plain(cfg.metric), "eval_metrics": plain(cfg.eval.metrics),
+            "data": data, "source_prefix": prefix, "seed": cfg.seed}
+
+
+# A run dir's own files, which predictions must never replace.
+RUN_DIR_FILES = ("metrics.jsonl", "config.yaml", "summary.json")
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """mleps' own checkpoint, or a Hugging Face model folder (a config beside weights or an adapter)."""
+    if not folder.is_dir():
+        return False
+    if (folder / "mleps.json").exists() or (folder / "trainer_state.json").exists():
+        return True
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or (folder / "adapter_config.json").exists()
+    return weights and ((folder / "config.json").exists() or (folder / "adapter_config.json").exists())
+
+
+def check_predictions_path(out: Path, checkpoint: Path, given: str) -> None:
+    """Refuse a predictions= path that would write over a checkpoint's or a run's files: a checkpoint
+    folder is replaced only as a whole by mleps.train, and any name inside it could be one of its files."""
+    checkpoint = checkpoint.resolve()
+    target = out.resolve()
+    for folder in (target, *target.parents):
+        if folder == checkpoint or is_checkpoint_folder(folder):
+            raise UserError(f"predictions={given} is inside the checkpoint folder {folder}: evaluate never writes "
+                            f"into a checkpoint (it could replace the weights): pass a path outside it, e.g. "
+                            f"predictions={folder.parent / 'predictions.txt'}")
+        if folder.name.startswith(".") and (".tmp-" in folder.name or folder.name.endswith(".old")):
+            raise UserError(f"predictions={given} is inside {folder}, a checkpoint being written or kept aside: "
+                            f"pass a path outside it")
+    if target.is_dir():
+        raise UserError(f"predictions={given} is a folder: pass a file path, e.g. predictions={target / 'predictions.txt'}")
+    if target.name in RUN_DIR_FILES and (target.parent / "checkpoints").is_dir():
+        raise UserError(f"predictions={given} is a file of the run in {target.parent}: pass another file name")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside, then rename: a failed write leaves neither a half-written file nor a stray temporary one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path}: {e.strerror or e}: pass predictions=A_WRITABLE_FILE") from None
 
 
 def adopt_checkpoint_config(cfg, meta: dict, overrides: list[str]) -> None:
@@ -76,6 +137,8 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise UserError("no checkpoint given: pass checkpoint=RUN/checkpoints/last (a folder written by mleps.train)")
+    if cfg.predictions:  # before any work: a refused path costs nothing
+        check_predictions_path(data_path(cfg.predictions), data_path(cfg.checkpoint), cfg.predictions)
     torch.manual_seed(cfg.seed)
     model, tokenizer, meta = load_checkpoint(cfg.checkpoint)
     if overrides is not None:
@@ -98,29 +161,25 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
                                             Collator(tokenizer, model, cfg.data.get("loss_on")), cfg.decode.batch_size)
     result = metric_report(metrics, stats, hyps, ds["references"], *cross_entropy)
     out = data_path(cfg.predictions) if cfg.predictions else \
-        data_path(cfg.checkpoint) / default_predictions_name(cfg.data, cfg.split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps), encoding="utf-8")
-    tmp.replace(out)
+        data_path(cfg.checkpoint) / default_predictions_name(cfg.data, cfg.split, output_settings(cfg, prefix))
+    write_text_atomic(out, "".join(h.replace("\n", " ") + "\n" for h in hyps))
     extra = {}
     if per_example is not None:  # one JSON object per output, dataset order (paired tests between checkpoints)
         rows_path = out.with_name(out.stem + ".per_example.jsonl")
-        tmp = rows_path.with_name(rows_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in per_example), encoding="utf-8")
-        tmp.replace(rows_path)
+        write_text_atomic(rows_path, "".join(json.dumps(r) + "\n" for r in per_example))
         extra["per_example"] = str(rows_path)
     return {"metric": metric.name, **result, "n": len(hyps), "split": cfg.split, "data": cfg.data.name,
             "checkpoint": str(data_path(cfg.checkpoint)), "predictions": str(out), **extra}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 @exit_on_user_error
 def evaluate(cfg) -> None:
     print(json.dumps(evaluate_checkpoint(cfg, list(HydraConfig.get().overrides.task))))
 
 
 def main() -> None:
+    exit_on_user_error(conf_dir)("evaluate")
     run_hydra(evaluate)
 
 

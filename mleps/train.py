@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from mleps.config import register_configs
+from mleps.config import CONF_DIR, conf_dir, register_configs
 from mleps.errors import UserError, exit_on_user_error, run_hydra
 
 log = logging.getLogger("mleps")
@@ -92,7 +92,7 @@ def run_from_command_line(cfg, callbacks=()) -> dict:
     return run(cfg, Path(HydraConfig.get().runtime.output_dir), callbacks)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @exit_on_user_error
 def train(cfg) -> None:
     run_from_command_line(cfg)
@@ -100,6 +100,7 @@ def train(cfg) -> None:
 
 def main() -> None:
     register_configs()  # again: a process may have registered other schemas since the import (mleps_lab.train)
+    exit_on_user_error(conf_dir)("train")
     run_hydra(train)
 
 
