@@ -26,7 +26,8 @@ path for a dataset is data.train_file=PATH) or Python objects the config cannot 
                  is called with the keyword arguments it names among completions, references, sources
                  and the batch's extra columns (**kwargs: all), and returns one loss per output, lower
                  is better (mleps.losses.CallableLoss)
-  rule           mle | mgs | pg | mrt (trainer=...)
+  rule           mle | mgs | pg | mrt (trainer=...). A model object is fine-tuned as it is: the rule's MLE
+                 warm start (trainer=mgs's default) runs only if `config` sets trainer.warm_start_steps
 """
 from __future__ import annotations
 
@@ -99,6 +100,9 @@ class Trainer:
             shortcuts += [_metric_override(task_loss)]
         output_dir = Path(output_dir or Path("runs") / "api" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
         shortcuts.append(f"output_dir={output_dir.absolute()}")
+        from mleps.train import override_keys
+
+        self.asked = override_keys(as_overrides(config))  # what the caller set (not the shortcuts): see train.run
         self.config = compose_config(shortcuts + as_overrides(config))  # the caller's overrides come last
         self.run_dir = Path(self.config.output_dir)
         if task_loss is not None and not isinstance(task_loss, str):
@@ -164,7 +168,7 @@ class Trainer:
         from mleps.models import load_checkpoint
         from mleps.train import run
 
-        summary = run(self.config, self.run_dir, self.callbacks, **self.inputs)
+        summary = run(self.config, self.run_dir, self.callbacks, asked=self.asked, **self.inputs)
         best = self.run_dir / "checkpoints" / ("best" if (self.run_dir / "checkpoints" / "best").is_dir() else "last")
         self.model, self.tokenizer, _ = load_checkpoint(str(best))
         return summary

@@ -51,17 +51,32 @@ def summary_table(summary: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
-def _set_on_command_line(key: str) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
+def override_keys(overrides) -> set[str]:
+    """The keys a list of "key=value" overrides sets (`+key`, `~key`: the key)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-def run(cfg, run_dir: Path, callbacks=(), **inputs) -> dict:
+def skip_warm_start_for_given_model(cfg, given_model: bool, asked: set[str]) -> None:
+    """A given model, a checkpoint (init_from) or a model object (mleps.api), is fine-tuned as it is: the
+    rule's MLE warm start (trainer=mgs's default, for runs from scratch) would first retrain it with MLE.
+    It stays when the user sets trainer.warm_start_steps (`asked`: the keys the user's overrides set)."""
+    if not (given_model or cfg.init_from) or not cfg.trainer.warm_start_steps or "trainer.warm_start_steps" in asked:
+        return
+    log.info("%s: no MLE warm start (trainer.warm_start_steps=%d is for runs from scratch; set it explicitly "
+             "to have one)", f"init_from={cfg.init_from}" if cfg.init_from else "a given model",
+             cfg.trainer.warm_start_steps)
+    cfg.trainer.warm_start_steps = 0
+
+
+def run(cfg, run_dir: Path, callbacks=(), asked=(), **inputs) -> dict:
     """One training run of a composed config into `run_dir`: what the CLI and mleps.api.Trainer share.
-    `inputs`: Python objects that replace what the config would load (mleps.loop.Loop). Prints the
-    summary table and writes summary.json on the main process."""
+    `asked`: the keys the user set (the command line's, the API's `config`); `inputs`: Python objects that
+    replace what the config would load (mleps.loop.Loop). Prints the summary table and writes summary.json
+    on the main process."""
     from mleps.loop import Loop
     from mleps.plotting import plot_run
 
+    skip_warm_start_for_given_model(cfg, "model" in inputs, set(asked))
     loop = Loop(cfg, run_dir, callbacks, **inputs)
     loop.setup()
     summary = loop.train()
@@ -79,17 +94,13 @@ def run(cfg, run_dir: Path, callbacks=(), **inputs) -> dict:
 
 
 def run_from_command_line(cfg, callbacks=()) -> dict:
-    """The CLI's body (mleps_lab.train calls it with its callbacks): the command line's own rules, then `run`
-    in Hydra's run dir."""
+    """The CLI's body (mleps_lab.train calls it with its callbacks): the command line's own rule (one run dir
+    for several processes), then `run` in Hydra's run dir."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.output_dir and _run_dir(None, cfg.resume, None) is None:
         # Hydra's dated folder is named by each process's own clock: they could write to two.
         raise UserError("several processes need one run dir: pass output_dir=PATH")
-    if cfg.init_from and cfg.trainer.warm_start_steps and not _set_on_command_line("trainer.warm_start_steps"):
-        # Fine-tuning a given checkpoint must not first retrain it with MLE (trainer=mgs's default warm start).
-        log.info("init_from=%s: no MLE warm start (trainer.warm_start_steps=%d is for runs from scratch; "
-                 "pass it explicitly to have one)", cfg.init_from, cfg.trainer.warm_start_steps)
-        cfg.trainer.warm_start_steps = 0
-    return run(cfg, Path(HydraConfig.get().runtime.output_dir), callbacks)
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir), callbacks,
+               asked=override_keys(HydraConfig.get().overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

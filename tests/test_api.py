@@ -86,3 +86,26 @@ def test_the_config_is_typed_and_closed_as_on_the_command_line(tmp_path):
         Trainer(config={"trainer.lrr": 0.1}, output_dir=tmp_path)
     with pytest.raises(UserError, match="tokenizer"):
         Trainer(model=object(), output_dir=tmp_path)
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_a_model_object_is_not_retrained_with_mle_first_unless_asked(tmp_path, asked):
+    """trainer=mgs's default MLE warm start is for runs from scratch: a model handed over as an object is
+    fine-tuned as it is (as init_from=CKPT is on the command line), unless trainer.warm_start_steps is set."""
+    from omegaconf import OmegaConf
+
+    from conftest import WORDS, word_tokenizer
+    from mleps.models import tiny_marian
+
+    tokenizer = word_tokenizer()
+    model = tiny_marian(OmegaConf.create({"d_model": 16, "layers": 1, "heads": 2, "ffn_dim": 32, "dropout": 0.0}),
+                        tokenizer)
+    rows = [{"source": " ".join(WORDS[i:i + 4]), "target": " ".join(WORDS[i:i + 4][::-1])} for i in range(8)]
+    config = ["progress=false", "cpu=true", "trainer.max_steps=1", "trainer.batch_size=4", "trainer.num_samples=2",
+              "trainer.max_new_tokens=6", "trainer.eval_every=100", "decode.max_new_tokens=6"]
+    config += ["trainer.warm_start_steps=1", "trainer.warm_start_eval_every=100"] if asked else []
+    trainer = Trainer(model, tokenizer, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:4]),
+                      rule="mgs", config=config, output_dir=tmp_path / "run")
+    assert trainer.config.trainer.warm_start_steps == (1 if asked else 800)  # mgs.yaml's default, before train()
+    summary = trainer.train()
+    assert [(p["phase"], p["steps"]) for p in summary["phases"]] == ([("warm_start", 1)] if asked else []) + [("main", 1)]
