@@ -1,4 +1,4 @@
-"""MGS levers (issue #14): each option changes what it says and nothing else. The held-out
+"""MGS levers: each option changes what it says and nothing else. The held-out
 diagnostics and oracle weights are the lab's probes: tests/test_lab_probes.py."""
 from __future__ import annotations
 

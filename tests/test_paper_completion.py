@@ -1,4 +1,4 @@
-"""The paper's completion setting (#25): whole sequences, token-budget batches, the length-ratio decode
+"""The paper's completion setting: whole sequences, token-budget batches, the length-ratio decode
 limit, the summed-NLL LM loss, per-continuation seq-rep-4 and the mgs_paper preset's proposal."""
 from __future__ import annotations
 
