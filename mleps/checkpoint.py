@@ -43,7 +43,8 @@ def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | No
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by saves that were killed
-            shutil.rmtree(stale, ignore_errors=True)
+            if _stale_temporary(stale):  # never another live process's save in progress
+                shutil.rmtree(stale, ignore_errors=True)
         if adapters.is_adapted(model):  # the base's files and adapter/
             adapters.save(model, tmp, state_dict)
         else:
@@ -76,6 +77,23 @@ def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | No
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _stale_temporary(path: Path) -> bool:
+    """A `.NAME.tmp-PID` folder of this process or of a process that is gone."""
+    try:
+        pid = int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def write_error(e: BaseException, where: Path) -> str:

@@ -205,7 +205,7 @@ class Loop:
                             f"{self.accelerator.num_processes}: on a machine without GPUs pass cpu=true")
         if distributed.fsdp_requested() and not distributed.is_sharded(self.accelerator):
             raise UserError("the accelerate config asks for FSDP, but accelerate shards only on GPUs and would "
-                            "train with DDP here: use conf/accelerate/cpu_2proc.yaml on CPUs")
+                            "train with DDP here: use mleps/conf/accelerate/cpu_2proc.yaml on CPUs")
         if distributed.is_sharded(self.accelerator):
             self._check_sharding()
         self.is_main = self.accelerator.is_main_process
@@ -260,6 +260,7 @@ class Loop:
         # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
         distributed.on_main_then_broadcast(self.accelerator,
                                            lambda: rundir.prepare_run_dir(cfg, self.run_dir, self.resume_from))
+        rundir.run_dir_ready(self.run_dir)  # the log file opens on every process (mleps.runlog)
         self.logger = MetricsLog(self.run_dir, self.accelerator, self.is_main)
         try:
             self._start_trackers()
@@ -280,11 +281,11 @@ class Loop:
         and rules that work through the loop's optimizer step."""
         if not self.accelerator.is_fsdp2:
             raise UserError("FSDP needs fsdp_version: 2 in the accelerate config (FSDP1's flat parameters cannot "
-                            "generate): use conf/accelerate/fsdp.yaml")
+                            "generate): use mleps/conf/accelerate/fsdp.yaml")
         for phase in self.phases:
             if rule_class(phase.trainer.name).needs_whole_parameters:
                 raise UserError(f"trainer={phase.trainer.name} reads and writes whole parameters, which FSDP shards "
-                                f"over the processes: run it with DDP (conf/accelerate/multi_gpu.yaml) or one process")
+                                f"over the processes: run it with DDP (mleps/conf/accelerate/multi_gpu.yaml) or one process")
 
     def _start_trackers(self) -> None:
         """accelerate starts them on the main process only. A resumed run logs again from the step after its
@@ -324,7 +325,15 @@ class Loop:
         start = self._run_start_model() if any(loss.needs_start_model for loss in losses) else None
         for loss in losses:
             loss.bind(start if loss.needs_start_model else self.model, self.tokenizer)
-            value = loss.loss_from_stats(loss.stats(decoded))
+            try:
+                value = loss.loss_from_stats(loss.stats(decoded))
+            except UserError:
+                raise
+            except Exception as e:  # a user's own loss (metric=custom) that raises: one line, exit 2 on the CLI;
+                # the Python API gets the UserError with the user's exception as its __cause__
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise UserError(f"metric {loss.name} raised {type(e).__name__}: {first} on two training references "
+                                f"(the start-up check): fix the task loss or its options (metric.*)") from e
             if not math.isfinite(value):
                 raise UserError(f"metric {loss.name} gives a non-finite loss ({value}) on two training references: "
                                 f"check its options (metric.*)")
@@ -475,11 +484,14 @@ class Loop:
         finally:
             self.interrupt.restore()
             self._finish_trackers()
+            if self.is_main:  # the run dir's lock (taken by prepare_run_dir)
+                rundir.release_lock(self.run_dir)
 
     def _restore_previous_run(self) -> None:
         """overwrite=true and this run stopped before saving checkpoints/last: the old run comes back."""
         if self.is_main:
             rundir.restore_previous_run(self.run_dir)
+            rundir.release_lock(self.run_dir)
 
     def _train(self) -> dict:
         self._t_start = time.perf_counter()

@@ -8,6 +8,7 @@ model and the metric are loaded (and so checked) by Loop.setup before it touches
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from omegaconf import OmegaConf
 
@@ -17,6 +18,7 @@ from mleps.errors import UserError
 from mleps.checks import _at_least, _finite
 from mleps.models import model_source
 from mleps.schedules import SCHEDULES
+from mleps.task_loss import LEVELS
 from mleps.trainers import rule_class
 
 MIXED_PRECISION = ("no", "bf16")
@@ -53,7 +55,32 @@ def check_trainer(tcfg, warm_start: bool = False) -> None:
         _finite(tcfg.max_train_s, key_of("max_train_s"), 0.0, strict=True)
     if tcfg.schedule not in SCHEDULES:
         raise UserError(f"unknown {key_of('schedule')} '{tcfg.schedule}': use one of {', '.join(SCHEDULES)}")
+    if not warm_start:
+        for key, low, strict in RULE_NUMBERS:  # the rules' own numbers, wherever a rule has them
+            if tcfg.get(key) is not None:
+                _finite(tcfg[key], f"trainer.{key}", low, strict)
     rule_class(tcfg.name).check_config(tcfg)
+
+
+# (key, lowest value, whether the lowest itself is refused): the update rules' numbers, checked here for every
+# rule that has them (their own check_config may say more).
+RULE_NUMBERS = (("kl_coef", 0.0, False), ("sharpness", 0.0, True), ("mle_mix", 0.0, False),
+                ("sample_temperature", 0.0, True), ("guide_scale", 0.0, False), ("warm_start_lr", 0.0, False),
+                ("warm_start_label_smoothing", 0.0, False))
+
+
+def check_finite(node, prefix: str = "") -> None:
+    """Every float of the config is finite: inf and nan pass range checks written as `not x >= 0` or `x > 0`,
+    and a non-finite knob skips every step as non-finite instead of failing."""
+    for key in node.keys():
+        value = node._get_node(key)
+        if OmegaConf.is_dict(value):
+            check_finite(node[key], f"{prefix}{key}.")
+            continue
+        items = list(node[key]) if OmegaConf.is_list(value) else [node[key]]
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise UserError(f"{prefix}{key}={node[key]}: use a finite number")
 
 
 def check_known_keys(cfg, prefix: str = "") -> None:
@@ -70,6 +97,7 @@ def check_known_keys(cfg, prefix: str = "") -> None:
 def validate_train_config(cfg, phases) -> None:
     """Raise UserError naming the first bad value (and the fix)."""
     check_known_keys(cfg)
+    check_finite(cfg)
     main = cfg.trainer
     check_trainer(main)
     for phase in phases:
@@ -89,6 +117,8 @@ def validate_train_config(cfg, phases) -> None:
         _at_least(data[key], 1, f"data.{key}")
     for key in ("max_source_length", "max_target_length"):  # room for one token and </s>
         _at_least(data[key], 2, f"data.{key}")
+    if cfg.metric.get("level") not in LEVELS:
+        raise UserError(f"unknown metric.level '{cfg.metric.level}': use one of {', '.join(LEVELS)}")
     _check_task(data, cfg.model, cfg.init_from)
     model_source(cfg.model.name).check(cfg)  # the model=<name> option's own sizes and names
     adapters.check_config(cfg.model)  # model.peft, model.lora_*
@@ -139,6 +169,11 @@ def _check_task(data, model_cfg, init_from: str | None = None) -> None:
         raise UserError(f"data.task={data.task} is not one of: {', '.join(TASKS)}")
     if data.loss_on is not None and data.loss_on not in LOSS_ON:
         raise UserError(f"data.loss_on={data.loss_on} is not one of: {', '.join(LOSS_ON)}")
+    # The completion options are checked whatever the task: a bad value waits in a config to be used.
+    _at_least(data.prefix_tokens, 1, "data.prefix_tokens")
+    _at_least(data.continuation_tokens, 1, "data.continuation_tokens")
+    if data.sequences not in SEQUENCES:
+        raise UserError(f"data.sequences={data.sequences} is not one of: {', '.join(SEQUENCES)}")
     if data.task == "completion":
         if not data.text_column:
             raise UserError("data.task=completion needs data.text_column=COLUMN (the documents' text column)")
