@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from mleps.checks import _at_least, _divisor
 from mleps.data import data_path
+from mleps import pretrained
 from mleps.errors import UserError
 from mleps.families import CAUSAL, SEQ2SEQ
 
@@ -78,7 +79,7 @@ def register_model(name: str, family: str | None = None, check: Callable | None 
 
 def model_source(name: str) -> ModelSource:
     if name not in MODEL_SOURCES:
-        raise UserError(f"unknown model '{name}': use model=tiny_marian, model=tiny_gpt2 or "
+        raise UserError(f"unknown model '{name}': use model=tiny_marian, model=tiny_gpt2, model=smollm2 or "
                         f"model=hf model.name_or_path=NAME")
     return MODEL_SOURCES[name]
 
@@ -153,6 +154,8 @@ def _check_hf(cfg) -> None:
         raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
     if m.kind not in KINDS:
         raise UserError(f"model.kind={m.kind} is not one of: {', '.join(KINDS)}")
+    if m.get("gguf_file") and not cfg.init_from:  # the file, its format and architecture (mleps.pretrained)
+        pretrained.check_gguf(m.name_or_path, m.gguf_file)
 
 
 @register_model("tiny_marian", family=SEQ2SEQ, check=_check_tiny)
@@ -173,7 +176,15 @@ def _tiny_gpt2(cfg, train_ds):
 
 @register_model("hf", check=_check_hf)  # the family comes from the checkpoint's config (or model.kind)
 def _hub_model(cfg, train_ds):
+    if cfg.model.get("gguf_file"):
+        return pretrained.from_gguf(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.kind,
+                                    cfg.model.trust_remote_code)
     return from_pretrained(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.kind)
+
+
+@register_model("smollm2", family=CAUSAL, check=pretrained.check_smollm2)
+def _smollm2(cfg, train_ds):  # prepared once from the GGUF on the package index (scripts/prepare_smollm2.py)
+    return pretrained.load_smollm2(cfg)
 
 
 def bpe_tokenizer(data_cfg, train_ds, vocab_size: int, root: Path, causal: bool = False) -> PreTrainedTokenizerFast:

@@ -4,11 +4,12 @@ MGS decodes the same batch of B sources with θ and with K perturbed copies θ+�
 K+1 `generate` calls of B rows, `decode` makes one call of P·B rows (P = K+1, or a process's
 share of the samples): the inputs are repeated group-major (`input_ids.repeat(P, 1)`), so rows
 p·R … (p+1)·R-1 of every activation belong to group p (R = rows per group), and every
-parametrised leaf module (Linear, Embedding, LayerNorm, GPT-2's Conv1D, T5's LayerNorm) applies
-group p's weights to group p's rows: a batched matmul over stacked weights [P, ...], a lookup
-into the stacked embedding tables, a broadcast scale. Attention, the cache, beam bookkeeping and
-the stopping logic stay HF's own; they act row by row, and `generate` keeps each group's rows
-contiguous (beams and returned sequences are expanded with repeat_interleave, row by row).
+parametrised leaf module (Linear, Embedding, LayerNorm, GPT-2's Conv1D, T5's and Llama's RMSNorm)
+applies group p's weights to group p's rows: a batched matmul over stacked weights [P, ...], a
+lookup into the stacked embedding tables, a broadcast scale. Attention (Llama's rotary embedding
+has no parameters), the cache, beam bookkeeping and the stopping logic stay HF's own; they act
+row by row, and `generate` keeps each group's rows contiguous (beams and returned sequences are
+expanded with repeat_interleave, row by row).
 
     stacks = stack_parameters(params, P)          # [P, *shape] per tensor, every group = θ
     apply_perturbation_([s[p] for s in stacks], ...)   # group p becomes θ+Δ_k in place
@@ -30,6 +31,7 @@ module gets a population `compute_bias` that returns one bias per row instead.
 from __future__ import annotations
 
 import contextlib
+import sys
 from functools import partial
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -96,13 +98,25 @@ def _rms_norm(module, weights: dict, x: torch.Tensor) -> torch.Tensor:
     return (weight.reshape(weight.shape[0], *([1] * (grouped.dim() - 2)), -1) * grouped).reshape(x.shape)
 
 
+def _llama_rms_norm(module, weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's forward (back to the input's dtype before the scale, unlike T5's), with group
+    p's scale on group p's rows: the same float operations in the same order, so the same bits."""
+    weight = weights["weight"]  # [P, d]
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(dtype)
+    grouped = _grouped(x, weight.shape[0])
+    return (weight.reshape(weight.shape[0], *([1] * (grouped.dim() - 2)), -1) * grouped).reshape(x.shape)
+
+
 def _forwards() -> dict[type, Callable]:
     """Exact types (a subclass may use its parameters differently, e.g. Marian's positions)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
     from transformers.pytorch_utils import Conv1D
 
     return {nn.Linear: _linear, nn.Embedding: _embedding, nn.LayerNorm: _layer_norm, Conv1D: _conv1d,
-            T5LayerNorm: _rms_norm}
+            T5LayerNorm: _rms_norm, LlamaRMSNorm: _llama_rms_norm}
 
 
 def _has_relative_bias(module: nn.Module) -> bool:
@@ -148,30 +162,61 @@ def population(model: nn.Module, stacks: Mapping[torch.Tensor, torch.Tensor]) ->
     forwards = _forwards()
     by_id = {id(p): s for p, s in stacks.items()}
     size = next(iter(stacks.values())).shape[0] if stacks else 1
-    patched: list[tuple[nn.Module, str]] = []  # (module, attribute) to delete on exit
+    patched: list[tuple[nn.Module, str, object, object]] = []  # (module, attribute, ours, what it replaced)
     hooks = []
     relative = [m for m in model.modules() if _has_relative_bias(m) and id(m.relative_attention_bias.weight) in by_id]
+    kernelized = _suspend_kernelize(model)
     try:
         for attention in relative:
             rows = [0]  # the row count of the attention's current call, read by its compute_bias
             hooks.append(attention.register_forward_pre_hook(partial(_count_rows, rows), with_kwargs=True))
             table = by_id[id(attention.relative_attention_bias.weight)]
-            attention.compute_bias = partial(_relative_bias, attention, type(attention).compute_bias, table, rows)
-            patched.append((attention, "compute_bias"))
+            _patch(patched, attention, "compute_bias",
+                   partial(_relative_bias, attention, type(attention).compute_bias, table, rows))
         tables = {id(m.relative_attention_bias) for m in relative}
         for _, module in _perturbed_modules(model, set(by_id)):
             if id(module) in tables:
                 continue
             weights = {name: by_id[id(p)] if id(p) in by_id else p.detach().expand(size, *p.shape)
                        for name, p in module.named_parameters(recurse=False)}
-            module.forward = partial(forwards[type(module)], module, weights)
-            patched.append((module, "forward"))
+            _patch(patched, module, "forward", partial(forwards[type(module)], module, weights))
         yield
     finally:
         for hook in hooks:
             hook.remove()
-        for module, attribute in patched:
-            delattr(module, attribute)  # the class's own method shows through again
+        lost = []
+        for module, attribute, ours, replaced in patched:
+            if module.__dict__.get(attribute) is not ours:
+                lost.append(type(module).__name__)
+            if replaced is _ABSENT:
+                module.__dict__.pop(attribute, None)  # the class's own method shows through again
+            else:
+                setattr(module, attribute, replaced)  # e.g. a kernel forward transformers installed
+        for holder in kernelized:
+            holder._use_kernels = True
+        if lost and sys.exc_info()[0] is None:  # its rows were decoded with θ: never return them silently
+            raise RuntimeError(f"population decoding: the population form of {lost[0]} was replaced while "
+                               f"decoding (by kernelize?); the decoded groups are not the perturbed models")
+
+
+_ABSENT = object()
+
+
+def _patch(patched: list, module: nn.Module, attribute: str, value) -> None:
+    patched.append((module, attribute, value, module.__dict__.get(attribute, _ABSENT)))
+    setattr(module, attribute, value)
+
+
+def _suspend_kernelize(model: nn.Module) -> list[nn.Module]:
+    """transformers (5.x, the `kernels` package installed) kernelizes a model loaded by from_pretrained and
+    kernelizes it again whenever train()/eval() changes its mode, which pops every kernel-decorated
+    module's instance `forward` (Llama's RMSNorm): generate's eval() would silently remove the population
+    form. Within the population its models are marked as not kernelized (the mode switch then leaves the
+    modules alone) and marked again on exit; -> the models whose mark was cleared."""
+    holders = [m for m in model.modules() if m.__dict__.get("_use_kernels")]
+    for holder in holders:
+        holder._use_kernels = False
+    return holders
 
 
 def _count_rows(rows: list, module, args, kwargs) -> None:
