@@ -73,6 +73,9 @@ def load_split(data_cfg, split: str, dataset: datasets.Dataset | None = None) ->
         raise UserError(f"data.{split}_file is not set for data={data_cfg.name}: set data.{split}_file=PATH, or "
                         f"data.dataset=NAME (a hub name for datasets.load_dataset, or a save_to_disk folder)")
     path = data_path(file)
+    if path.is_dir():
+        raise UserError(f"data.{split}_file={file} is a folder ({path}): pass the data file itself, e.g. "
+                        f"{path / f'{split}.jsonl'}")
     if not path.is_file():
         raise UserError(f"data file not found: {path} (run `make data`, or set data_dir=... or MLEPS_DATA_DIR)")
     if path.stat().st_size == 0:
@@ -88,8 +91,22 @@ def load_split(data_cfg, split: str, dataset: datasets.Dataset | None = None) ->
     try:
         raw = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several exception types
-        raise UserError(f"could not parse {path} as {path.suffix[1:].upper()}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"could not parse {path} as {path.suffix[1:].upper()}: {_parser_reason(e)}") from None
     return _normalise(raw, data_cfg, split, path)
+
+
+def _parser_reason(e: BaseException) -> str:
+    """The parser's own reason ("Expected 2 fields in line 7, saw 3"), not the wrapper datasets puts around it
+    ("An error occurred while generating the dataset"): the innermost exception that says something."""
+    chain, seen = [], e
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in reversed(chain):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if lines:
+            return " ".join(lines)[:300]
+    return type(e).__name__
 
 
 def uses_dataset(data_cfg) -> bool:
@@ -152,6 +169,13 @@ def _normalise(raw: datasets.Dataset, data_cfg, split: str, path: Path, keep_col
     extra = list(data_cfg.reference_columns) if split != "train" else []
     columns = [data_cfg.source_column, data_cfg.target_column, *extra]
     raw = _flattened(raw, columns)
+    own = {"source", "target"} & set(raw.column_names)
+    if keep_columns and len(own) == 1 and any(col not in raw.column_names for col in columns):
+        # a dataset handed over in Python whose "source"/"target" pair is half there: name the missing half
+        # (not the data config's own column names, which the pair would have replaced)
+        missing = ({"source", "target"} - own).pop()
+        raise UserError(f"column '{missing}' not found in {path}; it has: {', '.join(raw.column_names)} (a dataset "
+                        f"needs both 'source' and 'target' columns, or set data.source_column / data.target_column)")
     for col in columns:
         if col not in raw.column_names:
             raise UserError(

@@ -130,7 +130,7 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     """`overrides`: the command line's, to adopt the checkpoint's own config (None: use cfg as it is)."""
     from mleps.data import Collator, completion_pairs, data_path, load_split, tokenize
     from mleps.families import family_for
-    from mleps.validate import check_family_options
+    from mleps.validate import check_family_options, check_tokenizer_files
     from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
     from mleps.metrics_config import eval_metrics_from_config, metric_from_config
     from mleps.models import load_checkpoint
@@ -139,6 +139,7 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
         raise UserError("no checkpoint given: pass checkpoint=RUN/checkpoints/last (a folder written by mleps.train)")
     if cfg.predictions:  # before any work: a refused path costs nothing
         check_predictions_path(data_path(cfg.predictions), data_path(cfg.checkpoint), cfg.predictions)
+    check_tokenizer_files(cfg.checkpoint, "checkpoint")
     torch.manual_seed(cfg.seed)
     model, tokenizer, meta = load_checkpoint(cfg.checkpoint)
     if overrides is not None:

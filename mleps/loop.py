@@ -495,6 +495,7 @@ class Loop:
 
     def _train(self) -> dict:
         self._t_start = time.perf_counter()
+        self._stop_after_phase = False  # a signal at a phase's last step (_run_phase)
         interrupt = self.interrupt
         if self.resume_from is not None:
             self.state = rundir.read_state(self.resume_from)
@@ -537,6 +538,12 @@ class Loop:
             self.state.setdefault("phase_end_scores", {})[phase.name] = self.state.get("last_score")
             self.save("last", optimizer, scheduler)
             summary["phases"].append(self._phase_summary(phase))
+            if self._stop_after_phase and phase is not self.phases[-1]:
+                log.warning("signal: saved %s at the end of %s (step %d); continue with resume=true",
+                            self.ckpt_dir / "last", phase.name, self.state["step"])
+                raise SystemExit(INTERRUPTED_EXIT)
+            if self._stop_after_phase:  # the run's very end: it finishes normally
+                log.warning("signal during the run's final evaluation and save: the run finished")
         summary["best_score"] = self.state["best_score"]
         summary["elapsed_s"] = self._elapsed()
         return summary
@@ -598,7 +605,11 @@ class Loop:
             out_of_time = tcfg.max_train_s is not None and self.state["train_s"] - budget_start_s >= tcfg.max_train_s
             signalled, out_of_time = distributed.any_of_each(self.accelerator, [interrupt.signum is not None,
                                                                                  out_of_time])
-            if signalled:
+            if signalled and done == phase.last_step:
+                # The phase's end (final evaluation, end score, save) comes next in _train, which stops after it:
+                # the checkpoint is then the finished phase, as in a run that was never signalled.
+                self._stop_after_phase = True
+            elif signalled:
                 self.save("last", optimizer, scheduler)
                 bar.close()
                 log.warning("signal %s: saved %s at step %d; continue with resume=true",

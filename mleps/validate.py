@@ -120,6 +120,12 @@ def validate_train_config(cfg, phases) -> None:
     if cfg.metric.get("level") not in LEVELS:
         raise UserError(f"unknown metric.level '{cfg.metric.level}': use one of {', '.join(LEVELS)}")
     _check_task(data, cfg.model, cfg.init_from)
+    if cfg.init_from:
+        check_tokenizer_files(cfg.init_from, "init_from")
+    built = cfg.model.name in ("tiny_marian", "tiny_gpt2") and not cfg.init_from  # model.d_model is their width
+    if built and cfg.model.get("peft") == "lora" and cfg.model.lora_r > cfg.model.d_model:
+        raise UserError(f"model.lora_r={cfg.model.lora_r} is larger than the layers it adapts (model.d_model="
+                        f"{cfg.model.d_model}): a rank above the width adds nothing; use at most {cfg.model.d_model}")
     model_source(cfg.model.name).check(cfg)  # the model=<name> option's own sizes and names
     adapters.check_config(cfg.model)  # model.peft, model.lora_*
     if cfg.mixed_precision == "fp16":
@@ -131,6 +137,21 @@ def validate_train_config(cfg, phases) -> None:
         raise UserError(f"unknown mixed_precision '{cfg.mixed_precision}': use one of {', '.join(MIXED_PRECISION)}")
     _finite(cfg.collective_timeout_s, "collective_timeout_s", 0.0, strict=True)
     check_trackers(tracker_names(cfg))
+
+
+# A folder holding none of these has no tokenizer (transformers would then fail naming the model's config class).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "source.spm", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(path: str, key: str) -> None:
+    """A local checkpoint folder (init_from=, evaluate's checkpoint=) has its tokenizer's files."""
+    from mleps.data import data_path
+
+    folder = data_path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{key}={path}: {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:2])}, "
+                        f"...): copy them from the run or model the weights came from, or name a complete checkpoint")
 
 
 def tracker_names(cfg) -> list[str]:

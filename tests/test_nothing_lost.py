@@ -242,3 +242,76 @@ def test_a_refused_overwrite_leaves_the_old_run_s_log_and_hydra_record_alone(fin
                            env={"PYTHONPATH": str(tmp_path)})
     assert_user_error(code, err, "metric custom", "ValueError: my loss is broken")
     assert hashes(finished_run) == before
+
+
+# -- a signal at the very end lets the run finish -------------------------------------------------------------
+
+
+def test_a_signal_during_the_final_evaluation_lets_the_run_finish_as_if_never_signalled(finished_run, tmp_path, capfd,
+                                                                                      pairs, monkeypatch):
+    import signal
+
+    from mleps.loop import Loop
+
+    evaluate_ = Loop.evaluate
+
+    def signalled(self, step, phase):
+        if step == 3:  # the final evaluation (trainer.eval_every=3 = trainer.max_steps)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate_(self, step, phase)
+
+    monkeypatch.setattr(Loop, "evaluate", signalled)
+    run = tmp_path / "signalled"
+    code, _, err = train(capfd, pairs, run)
+    assert code == 0, err
+    assert (run / "summary.json").is_file()
+    state = lambda r: {k: v for k, v in json.loads((r / "checkpoints" / "last" / "trainer_state.json").read_text())  # noqa: E731
+                       .items() if not k.endswith("_s")}
+    assert state(run) == state(finished_run)  # phase_end_scores included
+
+
+# -- bad input: the cause in one line -------------------------------------------------------------------------
+
+
+def test_a_malformed_tsv_row_says_what_the_parser_found(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mleps.data import load_split
+    from mleps.errors import UserError
+
+    path = tmp_path / "bad.tsv"
+    path.write_text("source\ttarget\na\tb\nc\td\ne\tf\tg\n")
+    cfg = OmegaConf.create({"name": "local", "train_file": str(path), "source_column": "source",
+                            "target_column": "target", "reference_columns": []})
+    with pytest.raises(UserError, match="Expected 2 fields in line 4, saw 3"):
+        load_split(cfg, "train")
+    cfg.train_file = str(tmp_path)
+    with pytest.raises(UserError, match="is a folder"):
+        load_split(cfg, "train")
+
+
+def test_a_dataset_without_target_names_target_not_the_config_s_columns():
+    import datasets
+    from omegaconf import OmegaConf
+
+    from mleps.data import load_split
+    from mleps.errors import UserError
+
+    cfg = OmegaConf.create({"name": "dataset", "source_column": "de", "target_column": "en", "reference_columns": []})
+    with pytest.raises(UserError, match="column 'target' not found") as e:
+        load_split(cfg, "train", datasets.Dataset.from_dict({"source": ["a b"], "text": ["c"]}))
+    assert "'de'" not in str(e.value)
+
+
+def test_init_from_without_tokenizer_files_names_them(finished_run, capfd, pairs, tmp_path):
+    ckpt = finished_run / "checkpoints" / "best"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (ckpt / name).unlink(missing_ok=True)
+    code, _, err = train(capfd, pairs, tmp_path / "other", f"init_from={ckpt}")
+    line = assert_user_error(code, err, "no tokenizer files", "tokenizer.json", str(ckpt))
+    assert "Config" not in line
+
+
+def test_a_lora_rank_above_the_width_is_refused(tmp_path, capfd, pairs):
+    code, _, err = train(capfd, pairs, tmp_path / "run", "model.peft=lora", "model.lora_r=64")
+    assert_user_error(code, err, "model.lora_r=64", "model.d_model=32")
