@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 
@@ -41,11 +42,32 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if not getattr(e, "reported_by_main", False):  # several processes: the main one says it
+            # several processes: the main one says it, and an error every process meets at start (each checks
+            # the same config) is said once per launch
+            if not getattr(e, "reported_by_main", False) and first_to_report(str(e)):
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def first_to_report(message: str) -> bool:
+    """True unless another process of this launch already printed this message. torchrun (under `accelerate
+    launch`) gives each process an error file in one folder per launch attempt
+    (.../<run>/attempt_<n>/<local rank>/error.json): a marker there says who was first. Elsewhere: True."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not error_file:
+        return True
+    attempt = os.path.dirname(os.path.dirname(os.path.abspath(error_file)))
+    marker = os.path.join(attempt, f"mleps-reported-{hashlib.sha256(message.encode()).hexdigest()[:16]}")
+    try:
+        os.makedirs(attempt, exist_ok=True)
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:  # nowhere to write the marker: better twice than never
+        return True
+    return True
 
 
 def run_hydra(hydra_main) -> None:

@@ -315,3 +315,21 @@ def test_init_from_without_tokenizer_files_names_them(finished_run, capfd, pairs
 def test_a_lora_rank_above_the_width_is_refused(tmp_path, capfd, pairs):
     code, _, err = train(capfd, pairs, tmp_path / "run", "model.peft=lora", "model.lora_r=64")
     assert_user_error(code, err, "model.lora_r=64", "model.d_model=32")
+
+
+def test_an_error_every_process_of_a_launch_meets_is_said_once(monkeypatch, capsys, tmp_path):
+    """Two processes of one torchrun launch (their error files in one attempt folder), then another launch."""
+    from mleps.errors import UserError, exit_on_user_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    @exit_on_user_error
+    def start():
+        raise UserError("the same refusal on every process")
+
+    for launch, rank in (("run_a", 0), ("run_a", 1), ("run_b", 0)):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / launch / "attempt_0" / str(rank) / "error.json"))
+        with pytest.raises(SystemExit) as e:
+            start()
+        assert e.value.code == 2
+    assert capsys.readouterr().err.count("error: the same refusal") == 2  # once per launch
