@@ -77,7 +77,7 @@ def check_finite(node, prefix: str = "") -> None:
         if OmegaConf.is_dict(value):
             check_finite(node[key], f"{prefix}{key}.")
             continue
-        items = list(node[key]) if OmegaConf.is_list(value) else [node[key]]
+        items = list(node[key] or []) if OmegaConf.is_list(value) else [node[key]]  # a null list holds nothing
         for item in items:
             if isinstance(item, float) and not math.isfinite(item):
                 raise UserError(f"{prefix}{key}={node[key]}: use a finite number")

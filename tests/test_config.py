@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional  # test_check_finite_passes_a_null_list_knob's schema
 
 import pytest
 from omegaconf import OmegaConf
@@ -123,3 +124,21 @@ def test_bad_choices_in_typed_strings_are_user_errors(tmp_path, capfd, multi30k_
         assert Path(tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json").is_file()
     else:
         assert_user_error(code, err, needle)
+
+
+def test_check_finite_passes_a_null_list_knob():
+    """An Optional[List] knob left at null (the lab's trainer.oracle_rows) holds no number to check: every
+    trainer=mgs run of mleps_lab.train failed at start with a TypeError when check_finite iterated it."""
+    from dataclasses import dataclass, field
+
+    from mleps.errors import UserError
+    from mleps.validate import check_finite
+
+    @dataclass
+    class Knobs:
+        rows: Optional[List[float]] = None
+        scales: List[float] = field(default_factory=lambda: [1.0, 2.0])
+
+    check_finite(OmegaConf.structured(Knobs))
+    with pytest.raises(UserError, match="scales"):
+        check_finite(OmegaConf.structured(Knobs(scales=[1.0, float("inf")])))
