@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from mleps.errors import UserError
 from mleps.task_loss import TaskLoss
 
-BUILT_IN_MODELS = ("tiny_marian", "tiny_gpt2")
+BUILT_IN_MODELS = ("tiny_marian", "tiny_gpt2", "smollm2")  # model=<name> options; any other name is model=hf
 
 
 def compose_config(overrides: Sequence[str] | dict = ()) -> DictConfig:
