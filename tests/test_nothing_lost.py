@@ -228,6 +228,16 @@ def test_the_run_log_is_held_until_the_run_dir_is_ready(tmp_path):
     assert (tmp_path / "train.log").read_text().splitlines() == ["before the checks", "after"]
 
 
+def test_a_task_loss_that_raises_at_start_is_one_line(tmp_path, capfd, pairs, monkeypatch):
+    (tmp_path / "badloss_inproc.py").write_text("def fn(decoded):\n    raise ValueError('my loss is broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    code, _, err = train(capfd, pairs, run, "metric=custom", "metric.fn=badloss_inproc:fn")
+    assert_user_error(code, err, "metric custom raised ValueError: my loss is broken", "metric.*")
+    assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.slow  # a subprocess (about 15 s): Hydra's own logging, which in-process runs leave out
 def test_a_refused_overwrite_leaves_the_old_run_s_log_and_hydra_record_alone(finished_run, pairs, tmp_path):
     """The real CLI with Hydra's logging (a subprocess): the refusal comes after the model was loaded and
     logged, before the run dir is prepared."""
