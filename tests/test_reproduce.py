@@ -105,10 +105,12 @@ def test_an_arm_subset_without_mle_searches_no_lr_and_plans_its_runs(tmp_path):
 def _reproduce(tmp_path, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     docs = tmp_path / "docs"
-    # one seed: the aggregation over seeds is tested on hand-made numbers above; this is the pipeline
+    # one seed: the aggregation over seeds is tested on hand-made numbers above; this is the pipeline.
+    # --preload: every run forked from one process that imported torch once (test_both_launchers_run_a_job_
+    # as_python_m_would covers the fresh-interpreter launcher the documented runs use)
     return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "mt", "--budget", "tiny",
                            "--seeds", "0", "--out", str(tmp_path / "runs"), "--results-md", str(docs / "results.md"),
-                           "--img-dir", str(docs / "img"), "--json", str(docs / "results" / "mt.json"), *extra],
+                           "--img-dir", str(docs / "img"), "--json", str(docs / "results" / "mt.json"), "--preload", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -329,3 +331,26 @@ def test_a_report_renders_again_from_its_json(tmp_path):
     again = json.loads(path.read_text())
     assert again["runs"] == source["runs"] and again["command"] == "python scripts/reproduce.py mt --arms mgs pg grpo"
     assert {p.name for p in (tmp_path / "img").iterdir()} == {"mt-equal_time.png", "mt-equal_steps.png"}
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_both_launchers_run_a_job_as_python_m_would(tmp_path, monkeypatch, preload):
+    """A fresh interpreter (the documented runs) and a fork of the preloading server (--preload, the tests):
+    the job sees its own environment, working folder, path and argv, its output goes to its log, and a
+    failing job's exit code and last line reach the driver's error."""
+    from mleps_lab.reproduce import Job, Runner
+
+    done = tmp_path / "done.txt"
+    (tmp_path / "job_module.py").write_text(
+        f"import os, sys; print(os.environ['MLEPS_TEST_MARK'], os.getcwd(), sys.argv[1:], flush=True)\n"
+        f"if sys.argv[1:] == ['fail']: print('error: it failed', file=sys.stderr); sys.exit(2)\n"
+        f"open({str(done)!r}, 'w').write('x')\n")
+    monkeypatch.setenv("MLEPS_TEST_MARK", "seen")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner = Runner(jobs=2, progress=False, preload=preload)
+    ok = Job("ok", ["job_module", "a=1"], done, tmp_path / "logs" / "ok.log")
+    runner.run_stage("test", [ok])
+    assert f"seen {REPO} ['a=1']" in ok.log.read_text()
+    bad = Job("bad", ["job_module", "fail"], tmp_path / "never", tmp_path / "logs" / "bad.log")
+    with pytest.raises(UserError, match=r"bad failed \(exit 2\): error: it failed"):
+        runner.run_stage("test", [bad])

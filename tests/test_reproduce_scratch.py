@@ -18,7 +18,7 @@ def test_tiny_scratch_curves(tmp_path, data_dir):
     docs = tmp_path / "docs"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "scratch", "--budget", "tiny",
                            "--out", str(tmp_path / "runs"), "--results-md", str(docs / "scratch.md"),
-                           "--img-dir", str(docs / "img"), "--json", str(docs / "scratch.json"), "--no-progress"],
+                           "--img-dir", str(docs / "img"), "--json", str(docs / "scratch.json"), "--no-progress", "--preload"],
                           cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
