@@ -120,7 +120,9 @@ class Trainer:
         if tokenizer is None:
             raise UserError("a model object needs its tokenizer: Trainer(model, tokenizer, ...)")
         self.inputs.update(model=model, tokenizer=tokenizer)
-        kind = "seq2seq" if model.config.is_encoder_decoder else "causal"  # what validation checks options against
+        from mleps.families import family_for
+
+        kind = family_for(model).name  # what validation checks options against
         return ["model=hf", f"model.kind={kind}", f"model.name_or_path={getattr(model, 'name_or_path', '') or kind}"]
 
     def _datasets(self, train, validation) -> list[str]:

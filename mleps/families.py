@@ -1,8 +1,10 @@
 """Model families: everything that differs between encoder-decoder and decoder-only models.
 
 The trainers, the loop, the task losses and evaluation call a family through four verbs and
-never ask which family they hold (a new family is one `Family` subclass with `@register_family`;
-a new `model=<name>` option is one `@register_model` build function in mleps.models):
+never ask which family they hold; loading (mleps.models), validation and the API ask it for its name
+(`model.kind=<name>`), its transformers Auto class, its option checks and its tokenizer set-up. A new
+family is one `Family` subclass with `@register_family` (tests/test_families.py registers one); a new
+`model=<name>` option is one `@register_model` build function in mleps.models:
 
   collate(rows)                     token-id rows -> a padded training batch
   generate(model, inputs, ...)      output rows in the one format the rest of mleps reads:
@@ -29,7 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SEQ2SEQ, CAUSAL = "seq2seq", "causal"
+from mleps.errors import UserError
+
+SEQ2SEQ, CAUSAL = "seq2seq", "causal"  # the built-in families' names (model.kind=...)
 
 
 def unwrap(model):
@@ -43,8 +47,33 @@ FAMILIES: list["Family"] = []  # tried in order by family_for; filled by registe
 def register_family(cls: type["Family"]) -> type["Family"]:
     """Class decorator: an adapter for the models its `handles` accepts. A family registered later is
     tried first, so a specific adapter (one architecture) can stand before a generic one."""
+    taken = next((f for f in FAMILIES if f.name == cls.name), None)
+    if taken is not None:
+        raise UserError(f"a model family named '{cls.name}' is registered already ({type(taken).__qualname__}): "
+                        f"give {cls.__qualname__} another name")
     FAMILIES.insert(0, cls())
     return cls
+
+
+def family_names() -> list[str]:
+    """The registered families' names, in registration order (the built-in ones first)."""
+    return [f.name for f in reversed(FAMILIES)]
+
+
+def family_named(name: str) -> "Family":
+    """The family `model.kind=<name>` names."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UserError(f"model.kind={name} is not one of: auto, {', '.join(family_names())}")
+
+
+def family_for_config(config) -> "Family":
+    """The family of a model from its transformers config (a checkpoint's config.json, before loading)."""
+    for family in FAMILIES:
+        if family.handles_config(config):
+            return family
+    raise TypeError(f"no model family handles a {type(config).__name__} (mleps.families.register_family)")
 
 
 def family_for(model) -> "Family":
@@ -81,12 +110,34 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.
 
 
 class Family:
-    name: str
+    name: str  # model.kind=<name>; unique among the registered families
+    auto_class: str  # the transformers Auto class that loads a checkpoint of this family
     padding_side: str  # of sources / prompts
     peft_task_type: str  # the PeftModel class a LoRA adapter wraps the model in (mleps.adapters)
 
     def handles(self, model) -> bool:
-        """Whether this adapter serves `model` (unwrapped)."""
+        """Whether this adapter serves `model` (unwrapped); by default, what its config says."""
+        return self.handles_config(model.config)
+
+    def handles_config(self, config) -> bool:
+        """Whether this adapter serves models with this transformers config (a checkpoint's, before loading)."""
+        raise NotImplementedError
+
+    def auto_model_class(self):
+        """The transformers Auto class named by `auto_class` (transformers imported when first asked)."""
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def check_options(self, data) -> None:
+        """Data options this family cannot train on: a UserError naming the key (the family is known from the
+        config, or once the model is loaded)."""
+
+    def prepare_tokenizer(self, model, tokenizer) -> None:
+        """After loading a pretrained model and its tokenizer: whatever generation and padding need."""
+
+    def collator(self, tokenizer, model, loss_on: str | None = None):
+        """A function from token-id rows ({"input_ids": [...], "labels": [...]}) to a padded training batch."""
         raise NotImplementedError
 
     def generate(self, model, inputs: dict, **kwargs) -> torch.Tensor:
@@ -120,10 +171,18 @@ class Family:
 
 @register_family
 class Seq2SeqFamily(Family):
-    name, padding_side, peft_task_type = SEQ2SEQ, "right", "SEQ_2_SEQ_LM"
+    name, auto_class, padding_side, peft_task_type = SEQ2SEQ, "AutoModelForSeq2SeqLM", "right", "SEQ_2_SEQ_LM"
 
-    def handles(self, model) -> bool:
-        return bool(model.config.is_encoder_decoder)
+    def handles_config(self, config) -> bool:
+        return bool(getattr(config, "is_encoder_decoder", False))
+
+    def check_options(self, data) -> None:
+        if data.task == "completion":
+            raise UserError("data.task=completion needs a decoder-only model (model=tiny_gpt2, or model=hf with a "
+                            "causal LM such as gpt2): this model is an encoder-decoder")
+        if data.loss_on is not None:
+            raise UserError(f"data.loss_on={data.loss_on} is for decoder-only models (whose input is part of the "
+                            f"text): an encoder-decoder's loss is always on the target; drop data.loss_on")
 
     def start_id(self, model) -> int:
         return unwrap(model).config.decoder_start_token_id
@@ -155,10 +214,21 @@ class Seq2SeqFamily(Family):
 
 @register_family
 class CausalFamily(Family):
-    name, padding_side, peft_task_type = CAUSAL, "left", "CAUSAL_LM"
+    name, auto_class, padding_side, peft_task_type = CAUSAL, "AutoModelForCausalLM", "left", "CAUSAL_LM"
 
-    def handles(self, model) -> bool:
-        return not model.config.is_encoder_decoder
+    def handles_config(self, config) -> bool:
+        return not getattr(config, "is_encoder_decoder", False)
+
+    def check_options(self, data) -> None:
+        if data.task != "completion":
+            raise UserError("a decoder-only model trains on data.task=completion (e.g. data=completion): "
+                            "source -> target pairs need an encoder-decoder (model=tiny_marian)")
+
+    def prepare_tokenizer(self, model, tokenizer) -> None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token: its EOS pads (after EOS, unread)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     def start_id(self, model) -> int:
         return pad_id(model)

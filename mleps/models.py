@@ -21,8 +21,6 @@ from typing import Callable
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
     GPT2Config,
     GPT2LMHeadModel,
     AutoTokenizer,
@@ -36,7 +34,7 @@ from mleps.checks import _at_least, _divisor
 from mleps.data import data_path
 from mleps import pretrained
 from mleps.errors import UserError
-from mleps.families import CAUSAL, SEQ2SEQ
+from mleps.families import CAUSAL, SEQ2SEQ, family_for, family_for_config, family_named
 
 log = logging.getLogger(__name__)
 # save_pretrained/from_pretrained draw progress bars for a 25 MB model; the loop has its own.
@@ -46,7 +44,6 @@ TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: 
 # tiny_gpt2's: no prefix space and no </s> appended (a prompt must not end with EOS; the completion
 # builder appends it where a document ends)
 CAUSAL_TOKENIZER_RECIPE = "bytelevel-bpe-causal-v1"
-KINDS = ("auto", CAUSAL, SEQ2SEQ)
 MLEPS_META = "mleps.json"  # beside a checkpoint's weights: source prefix and provenance
 
 
@@ -152,8 +149,8 @@ def _check_hf(cfg) -> None:
     m = cfg.model
     if not m.name_or_path and not cfg.init_from:
         raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
-    if m.kind not in KINDS:
-        raise UserError(f"model.kind={m.kind} is not one of: {', '.join(KINDS)}")
+    if m.kind != "auto":
+        family_named(m.kind)  # a registered family's name
     if m.get("gguf_file") and not cfg.init_from:  # the file, its format and architecture (mleps.pretrained)
         pretrained.check_gguf(m.name_or_path, m.gguf_file)
 
@@ -281,13 +278,10 @@ def tiny_gpt2(model_cfg, tokenizer) -> GPT2LMHeadModel:
 
 
 def model_kind(name_or_path: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
-    """causal | seq2seq: `kind` when given, else what the checkpoint's config says."""
-    if kind not in KINDS:
-        raise UserError(f"model.kind={kind} is not one of: {', '.join(KINDS)}")
+    """The family's name (mleps.families): `kind` when given, else the family the checkpoint's config says."""
     if kind != "auto":
-        return kind
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+        return family_named(kind).name
+    return family_for_config(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)).name
 
 
 def from_pretrained(name_or_path: str, trust_remote_code: bool = False, kind: str = "auto"):
@@ -296,16 +290,12 @@ def from_pretrained(name_or_path: str, trust_remote_code: bool = False, kind: st
         raise UserError("model=hf needs model.name_or_path=NAME_OR_FOLDER (e.g. t5-small)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        auto = AutoModelForCausalLM if model_kind(name_or_path, kind, trust_remote_code) == "causal" else \
-            AutoModelForSeq2SeqLM
+        auto = family_named(model_kind(name_or_path, kind, trust_remote_code)).auto_model_class()
         model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:  # ValueError: a config the chosen Auto class does not know
         raise UserError(f"could not load model '{name_or_path}': {str(e).splitlines()[0][:300]}") from None
     _check_vocab(model, tokenizer, name_or_path)
-    if not model.config.is_encoder_decoder and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token: its EOS pads (after EOS, unread)
-    if not model.config.is_encoder_decoder and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    family_for(model).prepare_tokenizer(model, tokenizer)
     return model, tokenizer
 
 

@@ -131,19 +131,16 @@ def check_gguf(name_or_path: str | None, gguf_file: str) -> None:
 def from_gguf(name_or_path: str | None, gguf_file: str, kind: str = "auto", trust_remote_code: bool = False):
     """(model, tokenizer) from a GGUF file: dequantised to float32, a plain (saveable) model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from mleps.models import KINDS
+    from mleps.families import family_for_config, family_named
 
-    if kind not in KINDS:
-        raise UserError(f"model.kind={kind} is not one of: {', '.join(KINDS)}")
+    family = family_named(kind) if kind != "auto" else None
     check_gguf(name_or_path, gguf_file)
     where, name = split_gguf(name_or_path, gguf_file)
     try:
         config = AutoConfig.from_pretrained(where, gguf_file=name, trust_remote_code=trust_remote_code)
-        if kind == "auto":
-            kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
-        auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
+        auto = (family or family_for_config(config)).auto_model_class()
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=trust_remote_code)
         log.info("model: dequantising %s (GGUF) to float32", name)
         loaded = auto.from_pretrained(where, gguf_file=name, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -155,13 +152,11 @@ def from_gguf(name_or_path: str | None, gguf_file: str, kind: str = "auto", trus
 def _finish(model, tokenizer, where: str):
     """What mleps.models.from_pretrained does after loading: the vocabulary check, and a decoder-only
     model's pad token (its EOS when it has none)."""
+    from mleps.families import family_for
     from mleps.models import _check_vocab
 
     _check_vocab(model, tokenizer, where)
-    if not model.config.is_encoder_decoder and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not model.config.is_encoder_decoder and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    family_for(model).prepare_tokenizer(model, tokenizer)
     return model, tokenizer
 
 

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from mleps.data import LOSS_ON, SEQUENCES, TASKS
 from mleps import adapters
 from mleps.errors import UserError
+from mleps.families import family_named
 from mleps.checks import _at_least, _finite
 from mleps.models import model_source
 from mleps.schedules import SCHEDULES
@@ -216,15 +217,6 @@ def _check_task(data, model_cfg, init_from: str | None = None) -> None:
 
 
 def check_family_options(data, family: str | None) -> None:
-    """One-family options used with the other family (family None: not known yet, nothing to check)."""
-    if family == "seq2seq":
-        if data.task == "completion":
-            raise UserError("data.task=completion needs a decoder-only model (model=tiny_gpt2, or model=hf with a "
-                            "causal LM such as gpt2): this model is an encoder-decoder")
-        if data.loss_on is not None:
-            raise UserError(f"data.loss_on={data.loss_on} is for decoder-only models (whose input is part of the "
-                            f"text): an encoder-decoder's loss is always on the target; drop data.loss_on")
-    if family == "causal":
-        if data.task != "completion":
-            raise UserError("a decoder-only model trains on data.task=completion (e.g. data=completion): "
-                            "source -> target pairs need an encoder-decoder (model=tiny_marian)")
+    """The data options the model's family refuses (family None: not known yet, nothing to check)."""
+    if family is not None:
+        family_named(family).check_options(data)
