@@ -32,7 +32,11 @@ Levers on the weights and the samples (docs/mgs.md, "Levers")
     line search     L extra samples Δ = s μ, no noise, one per scale s in ``line_search_scales``
     weighting       "boltzmann": l_k as it is; "rank": l_k replaced by its rank among the samples,
                     scaled to [0, 1] (best 0, ties share a rank), so α is in units of "the whole
-                    range of ranks" and the weights are a softmax over ranks
+                    range of ranks" and the weights are a softmax over ranks; "zscore": l_k
+                    standardised over the K samples ((l_k - mean)/std, fitness shaping as in ES at
+                    scale), so α is in units of the samples' own spread whatever the loss's scale;
+                    "uniform": w_k = 1/K whatever the losses (the blind ablation: same samples,
+                    same update, no signal from the task loss)
     target ESS      ``temperature_for_ess`` picks α per step by bisection so ESS(w) = target
     diagnostics     ``spearman`` (rank agreement of two batches' losses), ``effective_sample_size``
 
@@ -103,7 +107,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 PROPOSALS = ("zero", "guided", "mixture")
-WEIGHTINGS = ("boltzmann", "rank")
+WEIGHTINGS = ("boltzmann", "rank", "zscore", "uniform")
 DENSITIES = ("fixed_norm", "exact", "mgs_reference", "none")
 NOISE_MODES = ("relative", "constant")
 DEFAULT_TEMPERATURE = 0.01  # the MGS reference default β = 100
@@ -127,7 +131,7 @@ class SearchConfig:
     stratify_components: bool = True
     antithetic: bool = False  # mirrored pairs (z, -z) around the same centre; K even
     line_search_scales: Tuple[float, ...] = ()  # extra noiseless samples at s·μ, one per scale s
-    weighting: str = "boltzmann"  # boltzmann: losses as they are | rank: losses -> ranks in [0, 1]
+    weighting: str = "boltzmann"  # boltzmann | rank (ranks in [0, 1]) | zscore (standardised) | uniform (blind)
     target_ess: Optional[float] = None  # share of the samples in (0, 1]: α chosen per step so ESS = share·K
 
     def __post_init__(self):
@@ -316,11 +320,14 @@ def importance_weights(
     )
     # Subtract first, then divide: the difference is what α scales, and it keeps
     # losses 1e4/α apart finite before the logsumexp.
-    excess = rank_losses(losses) if config.weighting == "rank" else losses - base_loss
+    excess = shaped_losses(losses, base_loss, config.weighting)
     temperature = config.temperature
-    if config.target_ess is not None:
-        temperature = temperature_for_ess(excess, log_density, config.target_ess * len(samples))
-    log_unnormalised = -excess / temperature - log_density
+    if config.weighting == "uniform":  # blind: the losses are read for the log only
+        log_unnormalised = torch.zeros_like(losses)
+    else:
+        if config.target_ess is not None:
+            temperature = temperature_for_ess(excess, log_density, config.target_ess * len(samples))
+        log_unnormalised = -excess / temperature - log_density
     if torch.isneginf(log_unnormalised).all():
         raise ValueError("every perturbed loss is +inf: no sample carries weight")
     log_weights = log_unnormalised - torch.logsumexp(log_unnormalised, 0)
@@ -379,6 +386,20 @@ def temperature_for_ess(excess: torch.Tensor, log_density: torch.Tensor, target:
         else:
             high = middle
     return math.exp(0.5 * (low + high))
+
+
+def shaped_losses(losses: torch.Tensor, base_loss: float, weighting: str) -> torch.Tensor:
+    """What α divides: l_k - l_0 (boltzmann), ranks in [0, 1] (rank), or z-scores over the finite
+    samples (zscore; all equal -> zeros, an infinite loss stays +inf and gets no weight)."""
+    if weighting == "rank":
+        return rank_losses(losses)
+    if weighting == "zscore":
+        finite = torch.isfinite(losses)
+        if finite.sum() < 2:
+            return torch.where(finite, torch.zeros_like(losses), losses)
+        mean, std = losses[finite].mean(), losses[finite].std(unbiased=False)
+        return torch.where(finite, (losses - mean) / std if std > 0 else torch.zeros_like(losses), losses)
+    return losses - base_loss
 
 
 def rank_losses(losses: torch.Tensor) -> torch.Tensor:

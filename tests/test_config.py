@@ -14,7 +14,7 @@ from conftest import CONF_DIR, TINY_CLI, assert_user_error, compose_cfg, run_cli
 
 
 TRAINER_YAMLS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
-PRESETS = {"mgs_paper": "mgs", "grpo": "pg"}  # a yaml that presets a rule's options, and the rule it runs
+PRESETS = {"mgs_paper": "mgs", "mgs_steer": "mgs", "grpo": "pg"}  # a yaml that presets a rule's options, and the rule it runs
 
 
 @pytest.mark.parametrize("option", TRAINER_YAMLS)

@@ -60,13 +60,15 @@ from accelerate.utils import DistributedType
 
 from mleps import distributed
 from mleps import population as batched_decoding
-from mleps.decoding import decoded_batch, eos_ids, generate
+from mleps.decoding import DecodedBatch, decoded_batch, eos_ids, generate
 from mleps.errors import UserError
 from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
                           importance_weights, write_update_)
 from mleps.trainers.base import Shard, TrainerConfig, UpdateRule, label_tokens, register_rule, token_cross_entropy
+from mleps.trainers.sequences import pad_rows, token_log_probs, trim
 
 PERTURB_PARAMS = ("all", "norms_biases", "output")
+GUIDE_TARGETS = ("reference", "best_sample")
 
 
 @dataclass
@@ -102,6 +104,11 @@ class MGSConfig(TrainerConfig):
     perturb_params: str = "all"  # the tensors the noise perturbs: all | norms_biases (1-d tensors) | output
     guide_params: str = "all"  # all: other tensors move along the weighted guide | perturbed: only the searched move
     line_search_scales: List[float] = field(default_factory=list)  # extra noiseless samples at s x mu, e.g. [0.5,1,2,4]
+    # What the guide g is the gradient of (docs/mgs.md, "A guide that knows the task loss").
+    guide_target: str = "reference"  # reference: cross-entropy on the references | best_sample (see _best_targets)
+    guide_samples: int = 4  # best_sample: outputs sampled per source beside its greedy output
+    guide_sample_temperature: float = 1.0
+    guide_mle_mix: float = 0.0  # best_sample: + this x the references' token cross-entropy in g
 
 
 @dataclass
@@ -134,6 +141,25 @@ class SearchProbe:
         return {}
 
 
+def per_row_stats(metric, decoded) -> np.ndarray:
+    """(N, S) the task loss's additive statistics of each output of `decoded` on its own."""
+    return np.stack([metric.stats(decoded_row(decoded, n)) for n in range(len(decoded.texts))])
+
+
+def decoded_row(decoded: DecodedBatch, n: int) -> DecodedBatch:
+    """Row n of a DecodedBatch as a batch of one."""
+    def cut(value):
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value[n:n + 1]
+    return DecodedBatch(texts=decoded.texts[n:n + 1], token_ids=decoded.token_ids[n:n + 1],
+                        ended_with_eos=decoded.ended_with_eos[n:n + 1], references=decoded.references[n:n + 1],
+                        sources=cut(decoded.sources), ids=cut(decoded.ids), encoder_inputs=cut(decoded.encoder_inputs),
+                        columns=cut(decoded.columns))
+
+
 def search_config(cfg) -> SearchConfig:
     try:
         return SearchConfig(
@@ -160,9 +186,10 @@ class MGS(UpdateRule):
         self.search = search_config(cfg)
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise UserError("trainer=mgs perturbs whole parameters in place: run it with DDP "
-                            "(conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
+                            "(mleps/conf/accelerate/multi_gpu.yaml), not FSDP or DeepSpeed")
         self.eos = eos_ids(self.unwrapped)
         self._backup: list[torch.Tensor] | None = None  # one copy of θ, allocated once, reused every step
+        self._guide_log, self._theta_greedy = {}, {}
         if cfg.decode_population == "batched":  # a model with a module it cannot stack fails here, at start
             batched_decoding.check_supported(self.unwrapped, self._params(self.unwrapped))
         self.searched = self._searched_tensors(self.unwrapped)  # per trainable tensor: does the noise move it
@@ -191,6 +218,16 @@ class MGS(UpdateRule):
         for key, allowed in (("perturb_params", PERTURB_PARAMS), ("guide_params", ("all", "perturbed"))):
             if cfg[key] not in allowed:
                 raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
+        if cfg.guide_target not in GUIDE_TARGETS:
+            raise UserError(f"trainer.guide_target={cfg.guide_target} is not one of: {', '.join(GUIDE_TARGETS)}")
+        if cfg.guide_target == "best_sample":
+            if cfg.guide_samples < 1:
+                raise UserError(f"trainer.guide_samples={cfg.guide_samples}: use 1 or more")
+            if not (math.isfinite(cfg.guide_sample_temperature) and cfg.guide_sample_temperature > 0):
+                raise UserError(f"trainer.guide_sample_temperature={cfg.guide_sample_temperature}: use a finite "
+                                f"number > 0")
+            if not (math.isfinite(cfg.guide_mle_mix) and cfg.guide_mle_mix >= 0):
+                raise UserError(f"trainer.guide_mle_mix={cfg.guide_mle_mix}: use a finite number >= 0")
         if cfg.scoring_batch_size is not None and cfg.scoring_batch_size < cfg.batch_size:
             raise UserError(f"trainer.scoring_batch_size={cfg.scoring_batch_size} is below trainer.batch_size="
                             f"{cfg.batch_size}: the scored rows include the guide's; use null or >= batch_size")
@@ -276,18 +313,76 @@ class MGS(UpdateRule):
                 p.copy_(b)
 
     def _guide(self, micro_batches, step: int, params) -> tuple[float, float]:
-        """g into .grad: the cross-entropy gradient of the global batch (DDP all-reduces it).
-        Returns (this process's cross-entropy, ‖g‖ before clipping)."""
+        """g into .grad: the cross-entropy gradient of the global batch (DDP all-reduces it), on the
+        references (guide_target=reference) or on each row's best output (best_sample).
+        Returns (this process's cross-entropy on the references, ‖g‖ before clipping)."""
+        cfg = self.cfg
         loss_sum, tokens = 0.0, 0
         for shard, batch in self.backward_passes(micro_batches, step):
-            micro_sum, micro_tokens = token_cross_entropy(self.model, batch, self.cfg.label_smoothing)
-            self.accelerator.backward(shard.per_token(micro_sum, micro_tokens))
+            if cfg.guide_target == "best_sample":
+                objective = self._best_sample_objective(batch, shard, step)
+                with torch.set_grad_enabled(cfg.guide_mle_mix > 0):
+                    micro_sum, micro_tokens = token_cross_entropy(self.model, batch, cfg.label_smoothing)
+                if cfg.guide_mle_mix > 0:
+                    objective = objective + cfg.guide_mle_mix * shard.per_token(micro_sum, micro_tokens)
+            else:
+                micro_sum, micro_tokens = token_cross_entropy(self.model, batch, cfg.label_smoothing)
+                objective = shard.per_token(micro_sum, micro_tokens)
+            self.accelerator.backward(objective)
             loss_sum, tokens = loss_sum + micro_sum.item(), tokens + micro_tokens
         for p in params:
             if p.grad is None:  # e.g. parameters the loss does not reach
                 p.grad = torch.zeros_like(p)
         guide_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.guide_max_norm or float("inf")))
         return loss_sum / tokens, guide_norm
+
+    def _best_sample_objective(self, batch: dict, shard: Shard, step: int) -> torch.Tensor:
+        """The NLL of _best_targets' outputs, as this micro-batch's share of the global per-source mean (a
+        sequence's NLL summed over its tokens, as PG's log p(y|x); guide_max_norm then sets g's size)."""
+        targets, lengths, self._guide_log = self._best_targets(batch, step, shard.index)
+        sources = len(batch["references"])
+        token_lp, _ = token_log_probs(self.model, batch, targets, torch.arange(sources, device=targets.device),
+                                      self.eos, lengths)
+        return shard.per_example(-token_lp.sum(), sources)
+
+    def _best_targets(self, batch: dict, step: int, index: int):
+        """Per source, the output the guide raises the likelihood of: among its greedy output and
+        trainer.guide_samples samples, the one that gives the batch the lowest task loss with the other rows
+        as chosen so far (rows in order, starting from every row's greedy output). The statistics are
+        additive, so each swap is scored exactly, at corpus level too: a corpus loss chooses rows by their
+        effect on the pooled loss, which no per-output reward can see. Returns (ids, lengths, log stats)."""
+        cfg, model = self.cfg, self.unwrapped
+        n, per_source = len(batch["references"]), cfg.guide_samples
+        limit = self.max_new_tokens(batch)
+        greedy = generate(model, batch, max_new_tokens=limit)
+        self._theta_greedy[id(batch)] = greedy  # C(θ)'s own decode of this batch: the step reuses it
+        torch.manual_seed(self.step_seed(step, index) ^ 0x5EED)  # not the step's other noise
+        sampled = generate(model, batch, max_new_tokens=limit, do_sample=True, num_return_sequences=per_source,
+                           temperature=cfg.guide_sample_temperature)
+        rows = trim(greedy, self.eos) + trim(sampled, self.eos)  # n greedy rows, then n x per_source samples
+        owner = list(range(n)) + [i // per_source for i in range(n * per_source)]
+        ids, lengths = pad_rows(rows, self._pad_id(), greedy.device)
+        decoded = decoded_batch(ids, self.tokenizer, self.eos, [batch["references"][i] for i in owner],
+                                batch=batch, source_index=torch.tensor(owner, device=ids.device), lengths=lengths)
+        stats = per_row_stats(self.metric, decoded)
+        total = stats[:n].sum(0)
+        before = self.metric.loss_from_stats(total)
+        chosen = list(range(n))  # row index into `rows`
+        for i in range(n):
+            options = [i] + [n + i * per_source + j for j in range(per_source)]
+            trial = [self.metric.loss_from_stats(total - stats[chosen[i]] + stats[o]) for o in options]
+            best = options[int(np.argmin(trial))]  # ties keep the greedy output (first)
+            total = total - stats[chosen[i]] + stats[best]
+            chosen[i] = best
+        swapped = sum(c >= n for c in chosen)
+        targets, target_lengths = pad_rows([rows[c] for c in chosen], self._pad_id(), greedy.device)
+        log = {"guide_rows_swapped": swapped / n, "guide_batch_loss_before": before,
+               "guide_batch_loss_after": self.metric.loss_from_stats(total)}
+        return targets, target_lengths, log
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos[0]
 
     # -- the step -------------------------------------------------------------------
     def step(self, batch: dict, step: int, shard: Shard = Shard()) -> dict[str, float]:
@@ -304,6 +399,8 @@ class MGS(UpdateRule):
 
         # -- guide: the cross-entropy gradient on the same batch, identical on every process
         t0 = time.perf_counter()
+        self._guide_log = {}  # best_sample's statistics of the last micro-batch
+        self._theta_greedy = {}  # id(batch) -> θ's greedy ids, decoded by best_sample's guide
         model.train()
         cross_entropy, guide_norm = self._guide(self._guide_rows(micro_batches), step, params)
         if not math.isfinite(guide_norm):  # g is all-reduced, so every process returns here together
@@ -373,7 +470,7 @@ class MGS(UpdateRule):
             "ess": info["ess"], "ess_share": info["ess"] / len(samples), "weight_entropy": info["weight_entropy"],
             "guided_weight": info["guided_weight"], **optional,
             "noise_norm": info["noise_norm"], "update_norm": update_norm, "guide_norm": guide_norm, **times,
-            **probed,
+            **self._guide_log, **probed,
         }
 
     def write_update(self, out, guide, samples, log_weights, noise_scales) -> float:
@@ -395,7 +492,11 @@ class MGS(UpdateRule):
         base_stats = None
         for shard, batch in decoded:
             if shard.local:
-                stats, decode_s = self._task_stats(model, batch, self.step_seed(step, shard.index))
+                cached = self._theta_greedy.pop(id(batch), None) if cfg.decode == "greedy" else None
+                if cached is not None:  # best_sample's guide decoded θ greedily already: the same ids
+                    stats, decode_s = self._score(cached, batch), 0.0
+                else:
+                    stats, decode_s = self._task_stats(model, batch, self.step_seed(step, shard.index))
                 base_stats = stats if base_stats is None else base_stats + stats
                 times["decode_s"] += decode_s
         sample_stats = np.zeros((len(samples), len(base_stats)))
