@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # On a CPU machine a bare `torch` requirement pulls a multi-GB CUDA build: install this first.
+# The dev install also puts the checkout on the venv's path (mleps-checkout.pth): the lab (mleps_lab, which
+# the wheel does not ship) imports from there, so `python scripts/X.py` needs no sys.path edit.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
@@ -13,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "mleps-checkout.pth").write_text("$(CURDIR)\n")'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -179,7 +179,9 @@ class EvaluateConfig:
     progress: bool = True
 
 
-def register_configs() -> None:
+def register_configs(trainer_schemas: dict[str, type] | None = None) -> None:
+    """Every schema into Hydra's ConfigStore. trainer_schemas: {rule name: a subclass of its schema}, for a
+    caller that adds keys to a rule's options (mleps_lab's probes add trainer.diagnose_every to mgs's)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
@@ -187,7 +189,10 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="metric", name="metric_schema", node=MetricConfig)
     for name, rule in RULES.items():  # every registered rule's own schema
-        cs.store(group="trainer", name=f"{name}_schema", node=rule.schema)
+        schema = (trainer_schemas or {}).get(name, rule.schema)
+        if not issubclass(schema, rule.schema):  # an extension keeps every key the rule reads
+            raise TypeError(f"trainer_schemas[{name!r}]: {schema.__name__} does not extend {rule.schema.__name__}")
+        cs.store(group="trainer", name=f"{name}_schema", node=schema)
 
 
 def conf_dir(config_name: str) -> Path:

@@ -2,7 +2,6 @@
 and `DecodedBatch`, the one input every task loss (mleps.task_loss) receives."""
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -10,11 +9,6 @@ import torch
 from tqdm.auto import tqdm
 
 from mleps.families import family_for
-
-
-# Observers of every generate call, (output rows, seconds) -> None: instrumentation (scripts/bench_step.py
-# counts the generated tokens), never part of a run. Timed only while one is installed.
-GENERATE_OBSERVERS: list = []
 
 
 def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
@@ -28,12 +22,9 @@ def generate(model, batch: dict, *, max_new_tokens: int, num_beams: int = 1, do_
     sharded = _fully_sharded(model)
     if sharded:  # FSDP: each forward gathers weights from every process, so all step until all stop
         kwargs["synced_gpus"] = True
-    t0 = time.perf_counter() if GENERATE_OBSERVERS else 0.0
     with torch.no_grad(), (_root_gathered(model) if sharded else nullcontext()):
         out = family_for(model).generate(model, batch, **kwargs)
     model.train(was_training)
-    for observe in GENERATE_OBSERVERS:
-        observe(out, time.perf_counter() - t0)
     return out
 
 

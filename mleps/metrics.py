@@ -56,7 +56,7 @@ def _prepare(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[list[s
     return hyps, out
 
 
-def _ref_streams(refs: list[list[str]]) -> list[list[str | None]]:
+def reference_streams(refs: list[list[str]]) -> list[list[str | None]]:
     """Transpose per-example reference lists into sacrebleu's reference streams.
 
     Missing references are ``None``, which sacrebleu 2.x drops per segment
@@ -187,7 +187,7 @@ class _SacreMetric(Metric):
         if not hyps:
             obj.num_refs = 0  # so get_signature() works on an empty corpus
             return np.zeros((0, self._n_stats), dtype=np.int64)
-        return np.asarray(SacrebleuPrivate.segment_stats(obj, hyps, _ref_streams(refs)), dtype=np.int64)
+        return np.asarray(SacrebleuPrivate.segment_stats(obj, hyps, reference_streams(refs)), dtype=np.int64)
 
     def _corpus_stats(self, hyps, refs):
         return self._segment_stats(self._corpus_obj, hyps, refs).sum(axis=0)

@@ -23,9 +23,9 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from mleps.config import register_configs
 from mleps.data import completion_pairs, has_split, load_split, tokenize
 from mleps.errors import UserError
 from mleps.loop import Callback
@@ -35,7 +35,7 @@ from mleps.trainers.mgs import MGSConfig, SearchProbe
 
 @dataclass
 class MGSProbeConfig(MGSConfig):
-    """trainer=mgs with the lab's probes (registered as mgs_schema by register_probe_configs)."""
+    """trainer=mgs with the lab's probes (trainer=mgs's schema in `python -m mleps_lab.train`)."""
 
     diagnose_every: Optional[int] = None  # every N steps: held-out rank agreement, taken vs blind step (null = off)
     diagnose_examples: int = 64  # the first N validation examples, the diagnostic's fixed held-out batch
@@ -44,8 +44,8 @@ class MGSProbeConfig(MGSConfig):
 
 
 def register_probe_configs() -> None:
-    """trainer=mgs (and its presets) accept the probes' keys; run after mleps.config.register_configs."""
-    ConfigStore.instance().store(group="trainer", name="mgs_schema", node=MGSProbeConfig)
+    """The library's schemas, with trainer=mgs's (and its presets') extended by the probes' keys."""
+    register_configs(trainer_schemas={"mgs": MGSProbeConfig})
 
 
 def check_probe_config(cfg) -> None:

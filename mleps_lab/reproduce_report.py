@@ -48,10 +48,10 @@ def paired_bootstrap(baseline: tuple[str, list[str]], systems: list[tuple[str, l
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
 
-    from mleps.metrics import _ref_streams
+    from mleps.metrics import reference_streams
 
     objects = {"bleu": BLEU(), "chrf": CHRF()}
-    test = PairedTest([baseline, *systems], {m: objects[m] for m in metrics}, _ref_streams(references),
+    test = PairedTest([baseline, *systems], {m: objects[m] for m in metrics}, reference_streams(references),
                       test_type="bs", n_samples=n_samples)
     _, scores = test()
     names = [k for k in scores if k != "System"]  # sacrebleu's names (BLEU, chrF2), in `metrics` order

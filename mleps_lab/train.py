@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import hydra
 
-from mleps.config import register_configs
+from mleps.config import CONF_DIR
 from mleps.errors import exit_on_user_error, run_hydra
 from mleps.train import run_from_command_line  # noqa: I001  (also registers the run_dir resolver)
-from mleps_lab.probes import MGSProbes, register_probe_configs
-
-
-def register_lab_configs() -> None:
-    """The library's schemas, then trainer=mgs's with the probes' keys."""
-    register_configs()
-    register_probe_configs()
-
+from mleps_lab.probes import MGSProbes, register_probe_configs as register_lab_configs
 
 register_lab_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @exit_on_user_error
 def train(cfg) -> None:
     run_from_command_line(cfg, callbacks=[MGSProbes()])

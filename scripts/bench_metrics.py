@@ -6,17 +6,13 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rapidfuzz.distance import Levenshtein
 
-from rapidfuzz.distance import Levenshtein  # noqa: E402
-
-from mleps.losses import levenshtein  # noqa: E402
-from mleps.metrics import METRIC_NAMES, build_metric  # noqa: E402
-from mleps.task_loss import LEVELS  # noqa: E402
+from mleps.losses import levenshtein
+from mleps.metrics import METRIC_NAMES, build_metric
+from mleps.task_loss import LEVELS
 
 
 def bench_metrics(n: int = 64, repeats: int = 20) -> None:

@@ -8,7 +8,7 @@ an untrained model decodes max_new_tokens of garbage), and the time of steps 2..
 `step_s` in metrics.jsonl. Every layout trains on the same batches, whose decode lengths differ
 a lot from step to step, so totals over the same steps compare where medians would not:
   1 process        batch B, with as many torch threads as processes in the other layouts
-  N processes      batch B/N each, one thread each (conf/accelerate/cpu_2proc.yaml on CPU)
+  N processes      batch B/N each, one thread each (mleps/conf/accelerate/cpu_2proc.yaml on CPU)
   population       the same, MGS only: each process decodes the whole batch under K/N samples
 Every layout computes the same update (tests/test_distributed.py); only the time differs. The
 last line is one JSON object with the ratios to the 1-process step.
@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mleps.rundir import read_events
 
-from mleps.rundir import read_events  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(name: str, launcher: list[str], overrides: list[str], threads: int, out: Path) -> float:
@@ -59,7 +58,7 @@ def main() -> None:
               "trainer.log_every=1", "data.max_eval_examples=8", "progress=false", "cpu=true", "overwrite=true",
               *args.extra]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "conf" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(n)]
+              str(ROOT / "mleps" / "conf" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(n)]
     layouts = {"1_process": ([sys.executable], [f"trainer.batch_size={args.batch_size}"], n),
                f"{n}_processes": (launch, [f"trainer.batch_size={args.batch_size // n}"], 1)}
     if args.trainer == "mgs":

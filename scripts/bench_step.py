@@ -12,10 +12,10 @@ What is measured (per model, on Multi30k de->en batches of --batch-size, default
   mle          the MLE step (token cross-entropy, backward, AdamW)
   irreducible  the work MGS cannot avoid: one forward+backward and K+1 greedy decodes of the
                batch with the unperturbed model (no detokenisation, no scoring, no perturbation)
-  mgs_inplace  the MGS step of conf/trainer/mgs.yaml (perturb=inplace), K = num_samples = 4
+  mgs_inplace  the MGS step of mleps/conf/trainer/mgs.yaml (perturb=inplace), K = num_samples = 4
   mgs_copy     the same with perturb=copy (a deep copy of the model per sample)
-  pg           the policy-gradient step of conf/trainer/pg.yaml (K = 4 samples per source)
-  mrt          the MRT step of conf/trainer/mrt.yaml (K = 4 samples per source)
+  pg           the policy-gradient step of mleps/conf/trainer/pg.yaml (K = 4 samples per source)
+  mrt          the MRT step of mleps/conf/trainer/mrt.yaml (K = 4 samples per source)
 Every variant gets the same optimizer (one AdamW shared by all, as one training process holds
 one), starts each step from the same warm parameters (restored outside the timed region) and the
 same batch in a given round; rounds visit the variants round-robin in a rotating order, after a
@@ -33,7 +33,7 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs after malloc_trim) o
 
 The last line of output is one JSON object with the ratios (see RATIO_KEYS).
 
---peft measures only the MGS step (conf/trainer/mgs.yaml, K = --num-samples) on the whole model
+--peft measures only the MGS step (mleps/conf/trainer/mgs.yaml, K = --num-samples) on the whole model
 against the same warm model with a LoRA adapter (model.peft=lora, rank --lora-r, the default
 targets q_proj/v_proj; mleps.models.prepare_model), in rotating rounds. Memory per variant: the
 measured peak of the step as above (on CPU the resident high-water mark, which also counts the
@@ -62,7 +62,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLEPS_CACHE_DIR", "/tmp/mleps_bench_cache")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -128,7 +127,7 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- decode counter
 
 class DecodeCounter:
-    """Observes every mleps.decoding.generate call (GENERATE_OBSERVERS): counts generated tokens and time."""
+    """Counts the tokens every generate call of the models it is installed on produces, and its time."""
 
     def __init__(self, eos: list[int], device: torch.device):
         self.eos, self.device = eos, device
@@ -155,11 +154,23 @@ class DecodeCounter:
 
         return generate(*args, **kwargs)
 
-    def install(self):
-        from mleps.decoding import GENERATE_OBSERVERS
+    def install(self, model) -> None:
+        """`model` (and its deep copies: trainer.perturb=copy decodes with them) gets a subclass whose generate
+        reports here: the instrumentation stays in this script, mleps decodes as it always does."""
+        counter, base = self, type(model)
+        if getattr(base, "_decode_counter", None) is counter:
+            return
 
-        if self not in GENERATE_OBSERVERS:
-            GENERATE_OBSERVERS.append(self)
+        def generate(self_, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = base.generate(self_, *args, **kwargs)
+            # the rows as mleps.decoding.generate returns them: a start column, then the generated tokens
+            # (a decoder-only model's output begins with the prompt: its last column stands as the start)
+            width = 1 if self_.config.is_encoder_decoder else kwargs["input_ids"].shape[1]
+            counter(out[:, width - 1:], time.perf_counter() - t0)
+            return out
+
+        model.__class__ = type(base.__name__, (base,), {"generate": generate, "_decode_counter": counter})
 
 
 # ----------------------------------------------------------------------------- setup
@@ -173,7 +184,7 @@ def load_yaml(path: Path, schema):
 def data_cfg(data_dir: Path):
     from mleps.config import DataConfig
 
-    cfg = load_yaml(ROOT / "conf" / "data" / "multi30k_de_en.yaml", DataConfig)
+    cfg = load_yaml(ROOT / "mleps" / "conf" / "data" / "multi30k_de_en.yaml", DataConfig)
     cfg.train_file = str(data_dir / "multi30k" / "train.jsonl")
     cfg.validation_file = cfg.test_file = None
     return cfg
@@ -182,7 +193,7 @@ def data_cfg(data_dir: Path):
 def model_cfg(size: str):
     from mleps.config import ModelConfig
 
-    cfg = load_yaml(ROOT / "conf" / "model" / "tiny_marian.yaml", ModelConfig)
+    cfg = load_yaml(ROOT / "mleps" / "conf" / "model" / "tiny_marian.yaml", ModelConfig)
     if size == "large":
         cfg = OmegaConf.merge(cfg, LARGE)
     elif size == "toy":
@@ -193,7 +204,7 @@ def model_cfg(size: str):
 def trainer_cfg(name: str, **overrides):
     from mleps.trainers import RULES
 
-    return OmegaConf.merge(load_yaml(ROOT / "conf" / "trainer" / f"{name}.yaml", RULES[name].schema), overrides)
+    return OmegaConf.merge(load_yaml(ROOT / "mleps" / "conf" / "trainer" / f"{name}.yaml", RULES[name].schema), overrides)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -266,7 +277,7 @@ class Bench:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.counter = DecodeCounter(eos_ids(model), device)
-        self.counter.install()
+        self.counter.install(model)
         accelerator = Accelerator(cpu=device.type == "cpu")
         k, mnt = args.num_samples, args.max_new_tokens
         cfgs = {
@@ -550,7 +561,6 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
 
     from accelerate import Accelerator
 
-    from mleps.decoding import GENERATE_OBSERVERS
     from mleps.models import prepare_model
     from mleps.trainers import build_rule
     from mleps.trainers.sequences import eos_ids
@@ -593,7 +603,8 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
     # the two variants' perturbed models decode different lengths: the decoded tokens separate the time an
     # adapter saves per token from the time a longer (or shorter) decode costs
     counter = DecodeCounter(eos_ids(full), device)
-    counter.install()
+    for v in variants.values():
+        counter.install(v["model"])
     times, tokens = {name: [] for name in variants}, {name: [] for name in variants}
     for r in range(args.rounds + 1):  # round 0 warms up
         names = list(variants)[r % 2:] + list(variants)[:r % 2]
@@ -610,7 +621,6 @@ def measure_peft(size: str, args, shared, device, log) -> dict:
         if r:
             log(f"[{size}] peft round {r}/{args.rounds}: " + ", ".join(
                 f"{n} {times[n][-1]:.2f}s {tokens[n][-1]} tokens" for n in variants))
-    GENERATE_OBSERVERS.remove(counter)
     result = {"size": size, "batch_size": args.batch_size, "rounds": args.rounds, "lora_r": args.lora_r,
               "num_samples": args.num_samples, "variants": {}}
     for name, v in variants.items():
@@ -657,7 +667,7 @@ def print_population(result: dict, device) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-TASK_LOSSES = {  # name: build_task_loss options (the conf/metric/*.yaml defaults)
+TASK_LOSSES = {  # name: build_task_loss options (the mleps/conf/metric/*.yaml defaults)
     "bleu": {}, "chrf": {}, "rouge": {}, "repetition": {}, "nontermination": {}, "edit": {}, "length": {}, "lm": {},
     "composite": {"losses": ["repetition", "nontermination", "lm"], "weights": [1.0, 1.0, 0.1]},
 }
@@ -665,7 +675,7 @@ TASK_LOSSES = {  # name: build_task_loss options (the conf/metric/*.yaml default
 
 def task_loss_shares(args, shared, device, log) -> dict:
     """Each task loss's scoring time (every `_score` call: K+1 decoded batches) as a share of the MGS
-    step (conf/trainer/mgs.yaml, K = --num-samples) on the tiny model; medians over --rounds."""
+    step (mleps/conf/trainer/mgs.yaml, K = --num-samples) on the tiny model; medians over --rounds."""
     from accelerate import Accelerator
 
     from mleps.losses import build_task_loss
@@ -786,7 +796,7 @@ def main(argv=None) -> dict:
     # The warm-up needs warm_steps batches; the measurement rounds + 1 more, drawn from the same rows.
     needed = min(len(raw), max(args.warm_steps * WARM_BATCH, (args.rounds + 2) * args.batch_size) + 4 * WARM_BATCH)
     train_ds = tokenize(raw.select(range(needed)), tokenizer, dcfg)
-    metric = build_metric("bleu", "corpus")  # conf/metric/bleu.yaml; pg/mrt use its sentence scores
+    metric = build_metric("bleu", "corpus")  # mleps/conf/metric/bleu.yaml; pg/mrt use its sentence scores
     log(f"setup {time.perf_counter() - t_start:.1f} s: {len(train_ds)} pairs, vocab {len(tokenizer)}, "
         f"device {device}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
 

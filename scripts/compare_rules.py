@@ -20,11 +20,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mleps.plotting import plot_run, read_events
+from mleps_lab.reproduce import ARMS  # the rules as the reproduction runs them
 
-from mleps.plotting import plot_run, read_events  # noqa: E402
-from mleps_lab.reproduce import ARMS  # noqa: E402  (the rules as the reproduction runs them)
+ROOT = Path(__file__).resolve().parents[1]
 
 # The reproduction's arms (mgs: the guide centred on AdamW's next step, applied directly), with MLE at a
 # fine-tuning lr (the reproduction searches it), plus MGS with the scaled guides of the original code.

@@ -1,5 +1,5 @@
 """Export WikiText-103 (raw) from the Hugging Face hub as one article per JSONL line, for
-conf/data/wikitext103.yaml. Needs the internet (not run on the project's offline machine).
+mleps/conf/data/wikitext103.yaml. Needs the internet (not run on the project's offline machine).
 
     python scripts/export_wikitext103.py [--out data/wikitext103] [--config wikitext-103-raw-v1]
 

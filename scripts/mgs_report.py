@@ -14,11 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mleps_lab.mgs_summary import COLUMNS, format_value, main_steps, markdown_table, summarise  # noqa: E402
-from mleps.rundir import read_events  # noqa: E402
+from mleps_lab.mgs_summary import COLUMNS, format_value, main_steps, markdown_table, summarise
+from mleps.rundir import read_events
 
 STEP_COLUMNS = {"step": "step", "task_loss": "task_loss", "ess_share": "ess_share", "guided_weight": "guided",
                 "loss_spread_std": "spread", "temperature": "alpha", "diag_rank_correlation": "rank_corr",

@@ -20,10 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mleps.errors import UserError  # noqa: E402
-from mleps.pretrained import prepare_smollm2, smollm2_folder  # noqa: E402
+from mleps.errors import UserError
+from mleps.pretrained import prepare_smollm2, smollm2_folder
 
 
 def main(argv: list[str] | None = None) -> int:

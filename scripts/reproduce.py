@@ -5,12 +5,7 @@ docstring the stages.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mleps_lab.reproduce import main  # noqa: E402
+from mleps_lab.reproduce import main
 
 if __name__ == "__main__":
     main()

@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mleps_lab.mgs_summary import COLUMNS, markdown_table, summarise
+from mleps.rundir import read_events
 
-from mleps_lab.mgs_summary import COLUMNS, markdown_table, summarise  # noqa: E402
-from mleps.rundir import read_events  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LEVERS = {
     "default": [],

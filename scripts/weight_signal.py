@@ -16,11 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mleps_lab.mgs_summary import main_steps, markdown_table, mean_of  # noqa: E402
-from mleps.rundir import read_events  # noqa: E402
+from mleps_lab.mgs_summary import main_steps, markdown_table, mean_of
+from mleps.rundir import read_events
 
 COLUMNS = ("run", "steps", "rank_corr_mean", "share_above_0", "share_at_0.7", "heldout_best_gain", "ess_share")
 
