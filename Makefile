@@ -35,6 +35,16 @@ demo: install data
 # Two pytest-xdist workers (CI has 2 cores; each worker and its subprocesses use one thread, see
 # tests/conftest.py). loadfile: each test file runs whole in one worker (its module fixtures are
 # built once), the files sharing the trained_run fixture in the same one. XDIST= runs serially.
+#
+# What is slow (`-m slow`, about two thirds of the time) and why: real processes. Each `python -m mleps...`
+# spends ~7 s of CPU importing torch and transformers before a tiny run of a few seconds.
+#   tests/test_reproduce*.py   the reproduction drivers end to end on the tiny budget (tens of runs and
+#                              evaluations each); --preload forks every run from one process that imported
+#                              torch once, which halves them (scratch alone: 118 s -> 58 s)
+#   tests/test_resume.py       real SIGKILL/SIGTERM/SIGINT of training processes, then resume, bit for bit
+#   tests/test_screen_mgs.py, tests/test_distributed.py, tests/test_fsdp_cpu.py, tests/test_bench.py,
+#   tests/test_install.py      several processes each (2-process gloo/FSDP, a wheel build and install)
+# `make test-fast` leaves them out. `--durations=20` below lists the slowest of a run.
 XDIST ?= -n 2 --dist loadfile
 
 # The real-weights test needs model=smollm2 prepared; offline, the suite still runs and that test skips.
