@@ -36,7 +36,7 @@ demo: install data
 # tests/conftest.py). loadfile: each test file runs whole in one worker (its module fixtures are
 # built once), the files sharing the trained_run fixture in the same one. XDIST= runs serially.
 #
-# What is slow (`-m slow`, about two thirds of the time) and why: real processes. Each `python -m mleps...`
+# What is slow (`-m slow`) and why: real processes. Each `python -m mleps...`
 # spends ~7 s of CPU importing torch and transformers before a tiny run of a few seconds.
 #   tests/test_reproduce*.py   the reproduction drivers end to end on the tiny budget (tens of runs and
 #                              evaluations each); --preload forks every run from one process that imported
