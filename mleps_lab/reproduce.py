@@ -58,10 +58,9 @@ ARMS = {
     "grpo": ["trainer=grpo"],
     "mrt": ["trainer=mrt"],
     "mgs": ["trainer=mgs", "trainer.warm_start_steps=0"],
-    # The same rule with uniform weights: with alpha = 1e9 every perturbation weighs the same
-    # whatever its task loss (boltzmann or rank weights; no ESS target to choose alpha), so the update
-    # no longer sees the metric.
-    "mgs_blind": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.temperature=1e9", "trainer.target_ess=null"],
+    # The same rule with uniform weights (the same samples, the update no longer sees the metric).
+    # Reports before weighting=uniform existed used temperature=1e9, whose weights equal 1/K to ~1e-9.
+    "mgs_blind": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.weighting=uniform"],
 }
 COST_OF = {"mgs_blind": "mgs"}  # the same decodes per step: one calibration serves both
 # Settings that change what a step computes, not how much: an extra arm that differs from a standard
@@ -116,7 +115,7 @@ COMPLETION_PAPER = ["data=completion", "data.sequences=documents", "data.max_seq
                     "trainer.batch_tokens=4096"]
 PAPER_ARMS = {
     "mgs": ["trainer=mgs_paper"],
-    "mgs_blind": ["trainer=mgs_paper", "trainer.beta=null", "trainer.temperature=1e9", "trainer.density=none"],
+    "mgs_blind": ["trainer=mgs_paper", "trainer.weighting=uniform"],
     # the same β = 1 as the paper's MGS-LM (trainer=mgs's α = 0.01 is scaled for 1 - BLEU/100): only the
     # proposal and the update differ
     "mgs_default": ["trainer=mgs", "trainer.warm_start_steps=0", "trainer.temperature=1.0"],

@@ -8,7 +8,7 @@ init_from=INIT` for --steps MGS steps, one run after another, with the same fixe
 subset (the first --eval-examples validation sentences, data.max_eval_examples) evaluated at
 the start, every --eval-every steps and at the end, and the weights' diagnostic
 (trainer.diagnose_every=--diagnose-every on the first --diagnose-examples of those sentences).
-`default` (the plain rule) and `blind` (trainer.temperature=1e9: uniform weights) always run.
+`default` (the plain rule) and `blind` (trainer.weighting=uniform: uniform weights) always run.
 Anything after `--` is passed to every run (e.g. trainer.batch_size=32).
 
 Writes DIR/<lever>-seed<S>/ (each run), DIR/screen.json and DIR/screen.md, and prints the
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LEVERS = {
     "default": [],
-    "blind": ["trainer.temperature=1e9"],  # uniform weights: what the weights add is default - blind
+    "blind": ["trainer.weighting=uniform"],  # uniform weights: what the weights add is default - blind
     "target_ess": ["trainer.target_ess=0.5"],
     "rank": ["trainer.weighting=rank", "trainer.temperature=0.3"],
     "antithetic": ["trainer.antithetic=true"],
@@ -45,7 +45,7 @@ LEVERS = {
     # noise large enough to change the decoded outputs (../shared/notes/weight-signal.md: at about 30x the
     # first AdamW step the zero-centred samples' BLEU spreads by a point, rank-correlated across batches)
     "wide": ["trainer.noise_scale=30"],
-    "wide_blind": ["trainer.noise_scale=30", "trainer.temperature=1e9"],
+    "wide_blind": ["trainer.noise_scale=30", "trainer.weighting=uniform"],
 }
 TABLE = ("lever", "seeds", *COLUMNS, "final_vs_blind", "best_vs_blind")
 

@@ -199,7 +199,7 @@ def test_an_extra_arm_that_changes_only_weights_or_noise_shares_mgs_calibration(
     mgs = ["trainer=mgs", "trainer.warm_start_steps=0"]
     repro = Reproduction("mt", "tiny", tmp_path, extra_arms={
         "wide": [*mgs, "trainer.noise_scale=30", "trainer.diagnose_every=2"],
-        "wide_blind": [*mgs, "trainer.noise_scale=30", "trainer.temperature=1e9"],
+        "wide_blind": [*mgs, "trainer.noise_scale=30", "trainer.weighting=uniform"],
         "mirrored": [*mgs, "trainer.antithetic=true"],  # the same K decodes, the noise drawn in pairs
         "big_k": [*mgs, "trainer.num_samples=8"]})
     assert repro.cost_of == {"mgs_blind": "mgs", "wide": "mgs", "wide_blind": "mgs", "mirrored": "mgs"}
