@@ -9,7 +9,7 @@
   files that share `trained_run` in one worker together): see pytest_xdist_make_scheduler.
 * `data_dir`: `$MLEPS_DATA_DIR` or `<repo>/data` (`make data` creates it); tests that need the
   real datasets skip with the reason when it is absent.
-* `base_cfg`: conf/train.yaml composed once with Hydra (the typed schemas registered), then
+* `base_cfg`: mleps/conf/train.yaml composed once with Hydra (the typed schemas registered), then
   shrunk to a tiny model and small slices; each test gets its own copy.
 * `run_cli(module, *overrides)`: `python -m <module> ...` as a real subprocess.
 """
@@ -31,7 +31,7 @@ import pytest
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "mleps" / "conf"
 
 # `datasets` reads its cache location when imported: keep its Arrow caches out of ~/.cache too.
 # One folder per process: pytest-xdist workers inherit the controller's environment, so a value
@@ -124,7 +124,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def _composed_cfg(data_dir):
-    """conf/train.yaml through Hydra's compose, once per session."""
+    """mleps/conf/train.yaml through Hydra's compose, once per session."""
     from hydra import compose, initialize_config_dir
 
     import mleps.config
@@ -198,7 +198,7 @@ def run_main(module: str, *overrides: str, capfd) -> tuple[int, str, str]:
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     capfd.readouterr()  # drop anything captured before
-    # Imported (not run as __main__), Hydra would look for conf/ inside the package: name the
+    # Imported (not run as __main__), Hydra would look for mleps/conf/ inside the package: name the
     # folder that `python -m` finds through the file's relative config_path="../conf".
     # Hydra's logging setup (dictConfig) would close pytest's own log handlers: leave logging
     # alone here (records reach caplog); the subprocess tests cover the log file.

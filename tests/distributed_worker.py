@@ -55,7 +55,7 @@ def inject(kind: str | None, rank: int):
 
 
 def run(name: str, spec: dict, out: Path, rank: int) -> dict:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "mleps" / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=spec["overrides"])
     undo = inject(spec.get("inject"), rank)
     loop = None

@@ -180,7 +180,7 @@ def free_port() -> int:
 def launch(*args: str, port: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+                           str(REPO / "mleps" / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
                            "-m", "mleps.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -223,7 +223,7 @@ def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(tmp_path, da
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(REPO / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+                             str(REPO / "mleps" / "conf" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                              "-m", "mleps.train", *overrides(data_dir, "mle"), "trainer.max_steps=100000",
                              "trainer.eval_every=100000", f"output_dir={run}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,4 +1,4 @@
-"""FSDP2 (conf/accelerate/fsdp.yaml) on two CPU processes trains exactly what one process trains.
+"""FSDP2 (mleps/conf/accelerate/fsdp.yaml) on two CPU processes trains exactly what one process trains.
 
 accelerate builds its FSDP state only on an accelerator, so tests/fsdp_cpu_train.py switches its
 CPU process group to FSDP; from there the run goes through accelerate's fully_shard wrapping and
@@ -32,7 +32,7 @@ CAUSAL = ["data=completion", "model=tiny_gpt2", "data.prefix_tokens=5", "data.co
 def fsdp_launch(*args: str, entry: tuple[str, ...] = (str(REPO / "tests" / "fsdp_cpu_train.py"),)):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "conf" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+                           str(REPO / "mleps" / "conf" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
                            "--main_process_port", str(free_port()), *entry, *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -124,7 +124,7 @@ def test_fsdp_refuses_mgs_at_start_with_one_line(tmp_path, data_dir):
 
 def test_the_fsdp_config_on_cpus_without_the_shim_is_refused_not_run_as_ddp(tmp_path, data_dir, capfd, monkeypatch):
     """accelerate would quietly train with DDP: the user asked for sharding, so say it cannot happen. One
-    process with the environment `accelerate launch --config_file conf/accelerate/fsdp.yaml` sets."""
+    process with the environment `accelerate launch --config_file mleps/conf/accelerate/fsdp.yaml` sets."""
     from conftest import assert_user_error, run_main
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -18,7 +18,7 @@ lists statistics, levels and ranges.
   composite       Σ_i w_i loss_i, statistics concatenated
 
 Adding one: a module in this folder (imported below by discovery) or anywhere the user imports it
-before building, plus conf/metric/<name>.yaml for the CLI.
+before building, plus mleps/conf/metric/<name>.yaml for the CLI.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Adding a rule: one module here (found on import; or in the user's code, imported before
 mleps.config.register_configs runs) with an `UpdateRule` subclass that owns its config schema
 (a `TrainerConfig` subclass) and is decorated with `@register_rule`, and a
-conf/trainer/<name>.yaml whose defaults list starts with `<name>_schema`. The loop reads only the rule's declared needs
+mleps/conf/trainer/<name>.yaml whose defaults list starts with `<name>_schema`. The loop reads only the rule's declared needs
 (mleps.trainers.base.UpdateRule), never its name.
 """
 from __future__ import annotations
