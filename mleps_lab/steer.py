@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -149,7 +150,8 @@ def summarise_run(run: Path, control: str, predictions: Path) -> dict:
                    ("ess_share", "loss_spread_std", "guided_weight", "update_norm", "guide_rows_swapped")
                    if any(k in e for e in train)}
     hyps = predictions.read_text().splitlines()
-    refs = [json.loads(line)["en"] for line in (ROOT / "data" / "multi30k" / "test.jsonl").read_text().splitlines()]
+    test_file = Path(os.environ.get("MLEPS_DATA_DIR", ROOT / "data")) / "multi30k" / "test.jsonl"
+    refs = [json.loads(line)["en"] for line in test_file.read_text().splitlines()]
     rows = row_stats(control, hyps, refs[:len(hyps)])
     name, level, options = CONTROLS[control].loss
     loss = build_task_loss(name, level, **options)
