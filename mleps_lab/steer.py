@@ -140,12 +140,9 @@ def run_arm(out: Path, base: Path, control: str, arm: str, seed: int, budget: Bu
 def summarise_run(run: Path, control: str, predictions: Path) -> dict:
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [e for e in events if e.get("split") == "train"]
-    steps_train_s = {e["step"]: e.get("train_s", 0.0) for e in train}
-    curve = []
-    for e in events:
-        if e.get("split") == "validation" and e.get("phase", "main") == "main":
-            seconds = max([s for step, s in steps_train_s.items() if step <= e["step"]], default=0.0)
-            curve.append({"step": e["step"], "train_s": seconds, "loss": e["loss"], "bleu": e.get("bleu")})
+    # validation rows carry the training seconds so far (evaluation excluded)
+    curve = [{"step": e["step"], "train_s": e["train_s"], "loss": e["loss"], "bleu": e.get("bleu")}
+             for e in events if e.get("split") == "validation" and e.get("phase", "main") == "main"]
     diagnostics = {k: float(np.mean([e[k] for e in train if k in e])) for k in
                    ("ess_share", "loss_spread_std", "guided_weight", "update_norm", "guide_rows_swapped")
                    if any(k in e for e in train)}
@@ -155,19 +152,22 @@ def summarise_run(run: Path, control: str, predictions: Path) -> dict:
     rows = row_stats(control, hyps, refs[:len(hyps)])
     name, level, options = CONTROLS[control].loss
     loss = build_task_loss(name, level, **options)
-    return {"curve": curve, "train_s": max(steps_train_s.values(), default=0.0), "diagnostics": diagnostics,
-            "test_loss": loss.loss_from_stats(rows.sum(0)), "test_rows": rows.tolist()}
+    corpus = row_stats(control, hyps, refs[:len(hyps)], level="corpus")
+    return {"curve": curve, "train_s": curve[-1]["train_s"], "diagnostics": diagnostics,
+            "test_loss": loss.loss_from_stats(rows.sum(0)), "test_rows": rows.tolist(),
+            "test_loss_corpus": loss.at_level("corpus").loss_from_stats(corpus.sum(0))}
 
 
-def row_stats(control: str, hyps: list[str], refs: list[str]) -> np.ndarray:
-    """(N, S) the control loss's additive statistics of each test output."""
+def row_stats(control: str, hyps: list[str], refs: list[str], level: str | None = None) -> np.ndarray:
+    """(N, S) the control loss's additive statistics of each test output (at the level it trains at, or
+    `level`: validation reports every loss's corpus form)."""
     from mleps.decoding import DecodedBatch
     from mleps.trainers.mgs import per_row_stats
 
-    name, level, options = CONTROLS[control].loss
+    name, trained_level, options = CONTROLS[control].loss
     decoded = DecodedBatch(texts=hyps, token_ids=[[]] * len(hyps), ended_with_eos=[True] * len(hyps),
                            references=[[r] for r in refs])
-    return per_row_stats(build_task_loss(name, level, **options), decoded)
+    return per_row_stats(build_task_loss(name, level or trained_level, **options), decoded)
 
 
 def main(argv=None) -> None:

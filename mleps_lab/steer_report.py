@@ -173,7 +173,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
     p.add_argument("--command", default="")
     args = p.parse_args(argv)
-    results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*/*/seed*/result.json"))]
+    from mleps_lab.steer import summarise_run
+    results = []
+    for path in sorted(args.out.glob("*/*/seed*/result.json")):  # curves and test rows read again from the runs
+        r = json.loads(path.read_text())
+        r.update(summarise_run(path.parent, r["control"], path.parent / "test-predictions.txt"))
+        results.append(r)
     write_report(results, args.report, args.command or f"python -m mleps_lab.steer_report --out {args.out}",
                  BUDGETS[args.budget])
 
