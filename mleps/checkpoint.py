@@ -5,6 +5,10 @@ tokenizer; a LoRA run's base model, with its adapter in adapter/: mleps.adapters
 (written last: its presence marks a complete folder), `optimizer.pt`/`scheduler.pt`
 (tensors only, read with `weights_only=True`) and `rng.pt` (likewise). Nothing is ever unpickled.
 
+`trainer_state.json` holds a `TrainState`: the loop's counters and scores, written and read here only.
+It carries a version; a file without one (version 0, written before the field existed) has the
+same keys and is read as is, so runs saved then still resume.
+
 Saving writes a temporary sibling folder (`.NAME.tmp-PID`), flushes it to disk, then renames:
 the old folder is moved aside (`.NAME.old`), the new one moved in, and only then is the old
 one deleted. A kill at any moment leaves either the new folder or the old one, possibly
@@ -18,6 +22,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,63 @@ from mleps.models import MLEPS_META
 
 STATE_FILE = "trainer_state.json"
 _TEST_SAVE_DELAY = "MLEPS_TEST_SAVE_DELAY_S"  # tests kill the process while a save is in progress
+TRAIN_STATE_VERSION = 1  # raise it when a field changes meaning; from_dict then reads the older versions
 
 
-def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | None = None,
+@dataclass
+class TrainState:
+    """The loop's state beside the weights, optimizer, scheduler and RNG: what a resumed run needs to be
+    the same run. Steps are global (the warm start and the main phase count on one clock)."""
+
+    step: int = 0  # updates done (skipped non-finite steps included)
+    best_score: float | None = None  # the best selected validation number (eval.select) so far
+    best_step: int | None = None  # the step of checkpoints/best
+    elapsed_s: float = 0.0  # wall time over all the run's processes' lives
+    train_s: float = 0.0  # time in training steps (trainer.max_train_s counts this)
+    bad_steps_total: int = 0  # non-finite steps skipped
+    bad_steps_in_a_row: int = 0  # trainer.max_bad_steps stops the run when this reaches it
+    phase: str | None = None  # the phase that was running (warm_start | main)
+    phase_first_steps: dict[str, int] = field(default_factory=dict)  # where each started phase began
+    evals_without_improvement: int = 0  # within the running phase (trainer.patience)
+    last_eval_step: int | None = None
+    last_score: float | None = None
+    phase_start_scores: dict[str, float | None] = field(default_factory=dict)
+    phase_end_scores: dict[str, float | None] = field(default_factory=dict)
+    early_stopped: dict[str, int] = field(default_factory=dict)  # phase -> the step patience stopped it at
+    version: int = TRAIN_STATE_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "TrainState":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = STATE_FILE) -> "TrainState":
+        """A state as written by any version up to TRAIN_STATE_VERSION (version 0 has no version key)."""
+        version = raw.get("version", 0)
+        if version not in range(TRAIN_STATE_VERSION + 1) or isinstance(version, bool):
+            raise UserError(f"{source} has version {version!r}, which this mleps does not read (it reads 0 to "
+                            f"{TRAIN_STATE_VERSION}): resume with the mleps that wrote it, or start a new run "
+                            f"in another output_dir")
+        known = {f.name for f in fields(cls)} - {"version"}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def read_train_state(checkpoint: Path) -> TrainState:
+    """checkpoint/trainer_state.json as a TrainState; a garbled file or an unknown version is a UserError."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        raw = json.loads(path.read_text())
+        int(raw["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot resume: {path} is unreadable ({type(e).__name__}); the run cannot continue from "
+                        f"it: start a new run in another output_dir (init_from={path.parent.parent / 'best'} "
+                        f"if that one is intact)") from None
+    return TrainState.from_dict(raw, f"cannot resume: {path}")
+
+
+def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: TrainState | dict | None = None,
                     optimizer=None, scheduler=None, state_dict: dict | None = None,
                     optimizer_state: dict | None = None) -> Path:
     """state_dict / optimizer_state: the model's and the optimizer's full states when `model` and
@@ -60,6 +119,8 @@ def save_checkpoint(folder: Path, model, tokenizer, meta: dict, state: dict | No
         if os.environ.get(_TEST_SAVE_DELAY):
             time.sleep(float(os.environ[_TEST_SAVE_DELAY]))
         # Written last: a folder without it is incomplete.
+        if isinstance(state, TrainState):
+            state = state.to_dict()
         (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=2))
         _fsync_tree(tmp)  # the rename below must not reach the disk before the files do
         if folder.exists():

@@ -131,7 +131,7 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
     from mleps.data import Collator, completion_pairs, data_path, load_split, tokenize
     from mleps.families import family_for
     from mleps.validate import check_family_options, check_tokenizer_files
-    from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
+    from mleps.evaluation import evaluate_split
     from mleps.metrics_config import eval_metrics_from_config, metric_from_config
     from mleps.models import load_checkpoint
 
@@ -154,13 +154,11 @@ def evaluate_checkpoint(cfg, overrides: list[str] | None = None) -> dict:
         ds = completion_pairs(ds, tokenizer, cfg.data, cfg.split)
     prefix = cfg.source_prefix if cfg.source_prefix is not None else meta.get("source_prefix", "")
     per_example = [] if cfg.per_example else None
-    hyps, stats = decode_and_score(model, tokenizer, ds["source"], ds["references"], cfg.decode, metrics,
-                                   per_example=per_example, source_prefix=prefix,
-                                   max_source_length=cfg.data.max_source_length, progress=cfg.progress,
-                                   desc=f"decode {cfg.split}")
-    cross_entropy = reference_cross_entropy(model, tokenize(ds, tokenizer, cfg.data, prefix),
-                                            Collator(tokenizer, model, cfg.data.get("loss_on")), cfg.decode.batch_size)
-    result = metric_report(metrics, stats, hyps, ds["references"], *cross_entropy)
+    hyps, result = evaluate_split(model, tokenizer, ds, tokenize(ds, tokenizer, cfg.data, prefix),
+                                  Collator(tokenizer, model, cfg.data.get("loss_on")), cfg.decode, metrics,
+                                  per_example=per_example, source_prefix=prefix,
+                                  max_source_length=cfg.data.max_source_length, progress=cfg.progress,
+                                  desc=f"decode {cfg.split}")
     out = data_path(cfg.predictions) if cfg.predictions else \
         data_path(cfg.checkpoint) / default_predictions_name(cfg.data, cfg.split, output_settings(cfg, prefix))
     write_text_atomic(out, "".join(h.replace("\n", " ") + "\n" for h in hyps))

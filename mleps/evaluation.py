@@ -1,5 +1,7 @@
 """Decode a split and score it: what validation (mleps.loop) and `python -m mleps.evaluate` share.
 
+`evaluate_split` is the whole pipeline (decode -> score -> reference cross-entropy -> report); the
+functions below it are its steps.
 A split (or one process's shard of it) is decoded in length-sorted batches; every task loss adds
 up its statistics over the batches (so processes can sum theirs), and `metric_report` turns the
 summed statistics into the reported numbers: the primary loss's report (a text metric's library
@@ -14,6 +16,29 @@ import torch
 
 from mleps.decoding import decode_sources
 from mleps.families import family_for
+
+
+def evaluate_split(model, tokenizer, ds, tokenized, collate, decode_cfg, metrics, *, shard=(0, 1), reduce=None,
+                   columns=None, per_example: list | None = None, **decode_kwargs) -> tuple[list[str], dict]:
+    """(hypotheses, metric_report) of a split `ds` (source and references columns) and `tokenized`, the same
+    split tokenized for the references' cross-entropy. `shard` = (rank, world): this process decodes every
+    world-th example; `reduce(summed, hyps)` then returns the statistics summed and the texts gathered over
+    the processes (None: this process holds the whole split). `columns`: extra column names the task losses
+    read; `per_example` and `decode_kwargs` as in decode_and_score."""
+    rank, world = shard
+    if columns is not None:
+        decode_kwargs["columns"] = {c: ds[c][rank::world] for c in columns}
+    hyps, stats = decode_and_score(model, tokenizer, ds["source"][rank::world], ds["references"][rank::world],
+                                   decode_cfg, metrics, per_example=per_example, **decode_kwargs)
+    if world > 1:
+        tokenized = tokenized.select(range(rank, len(tokenized), world))
+    cross_entropy = reference_cross_entropy(model, tokenized, collate, decode_cfg.batch_size)
+    # One array of every sum, so that processes add theirs up in one collective.
+    summed = np.concatenate([*stats, cross_entropy])
+    if reduce is not None:
+        summed, hyps = reduce(summed, hyps)
+    stats = np.split(summed[:-2], np.cumsum([m.num_stats for m in metrics])[:-1])
+    return hyps, metric_report(metrics, stats, hyps, ds["references"], *summed[-2:])
 
 
 def decode_and_score(model, tokenizer, sources, references, decode_cfg, metrics, per_example: list | None = None,

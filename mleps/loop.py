@@ -23,7 +23,6 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
@@ -31,11 +30,11 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from mleps import rundir
-from mleps.checkpoint import find_complete, load_training_state, save_checkpoint
+from mleps.checkpoint import TrainState, find_complete, load_training_state, read_train_state, save_checkpoint
 from mleps.data import (BatchStream, Collator, batch_stream, completion_pairs, extra_columns, has_split, load_split,
                         tokenize)
 from mleps.decoding import decoded_batch, eos_ids
-from mleps.evaluation import decode_and_score, metric_report, reference_cross_entropy
+from mleps.evaluation import evaluate_split
 from mleps.families import family_for
 from mleps.errors import BAD_STEPS_EXIT, INTERRUPTED_EXIT, TrainingDiverged, UserError
 from mleps.metrics_config import eval_metrics_from_config, metric_from_config
@@ -180,13 +179,31 @@ class Loop:
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
-        # Every input is checked and loaded before the run dir is touched: a bad one never costs a run.
-        self.phases = make_phases(cfg.trainer)
-        validate_train_config(cfg, self.phases)
+        """Every input is checked and loaded before the run dir is touched: a bad one never costs a run."""
+        self._setup_checks()
+        self._setup_accelerator()
+        self._setup_task_losses()
+        train_ds = self._setup_data()
+        # None: a new run (or one stopped before its first save)
+        self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
+                                                              lambda: rundir.check_run_dir(self.cfg, self.run_dir))
+        self._setup_model(train_ds)
+        self._setup_tokenized(train_ds)
+        self._check_task_losses()
         for callback in self.callbacks:
-            callback.check_config(cfg)
+            callback.on_setup(self)
+        self._setup_run_dir()
+        self._setup_state()
+
+    def _setup_checks(self) -> None:
+        self.phases = make_phases(self.cfg.trainer)
+        validate_train_config(self.cfg, self.phases)
+        for callback in self.callbacks:
+            callback.check_config(self.cfg)
         self.interrupt = Interrupt()  # from here on, SIGTERM/SIGINT stop at a step boundary
+
+    def _setup_accelerator(self) -> None:
+        cfg = self.cfg
         # A rank stuck in a collective (another one crashed or took a different branch) fails after
         # collective_timeout_s instead of hanging the job.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
@@ -212,7 +229,10 @@ class Loop:
         if not self.is_main:  # one copy of the log; other ranks still report warnings and errors
             logging.getLogger("mleps").setLevel(logging.WARNING)
         set_seed(cfg.seed)
-        # Every task loss is built (and checked) before any data, model or training.
+
+    def _setup_task_losses(self) -> None:
+        """Every task loss is built (and checked) before any data, model or training."""
+        cfg = self.cfg
         if self.given_loss is not None:
             self.metric, self.eval_metric = self.given_loss, at_level(self.given_loss, "corpus")
         else:
@@ -222,6 +242,9 @@ class Loop:
         if rule_class(cfg.trainer.name).needs_sentence_loss:
             require_sentence_form(self.metric, cfg.trainer.name)
 
+    def _setup_data(self):
+        """The validation split (self.val_ds, None without one); returns the training split, untokenized."""
+        cfg = self.cfg
         train_ds = load_split(cfg.data, "train", self.given_datasets.get("train"))
         given_val = self.given_datasets.get("validation")
         self.val_ds = (load_split(cfg.data, "validation", given_val)
@@ -229,9 +252,10 @@ class Loop:
         if self.val_ds is None:
             log.warning("no validation split (data.validation_file or data.validation_split): no evaluations, so no "
                         "checkpoints/best and no early stopping; the result is checkpoints/last")
-        # None: a new run (or one stopped before its first save)
-        self.resume_from = distributed.on_main_then_broadcast(self.accelerator,
-                                                              lambda: rundir.check_run_dir(cfg, self.run_dir))
+        return train_ds
+
+    def _setup_model(self, train_ds) -> None:
+        cfg = self.cfg
         if self.resume_from is None and self.given_model is not None:  # mleps.api: the caller's own model
             model, tokenizer = self.given_model
             self.source_prefix = cfg.model.source_prefix
@@ -246,6 +270,10 @@ class Loop:
         log.info("model: %s, %.1f M parameters, %.3g M trainable", type(model).__name__, num_parameters(model) / 1e6,
                  num_parameters(model, trainable=True) / 1e6)
         check_family_options(cfg.data, family_for(model).name)  # model=hf kind=auto / init_from: known now
+
+    def _setup_tokenized(self, train_ds) -> None:
+        """The splits in the model's tokens, and the collator that batches them."""
+        cfg, tokenizer = self.cfg, self.tokenizer
         if cfg.data.task == "completion":  # documents -> (prefix, continuation), with the model's tokenizer
             train_ds = completion_pairs(train_ds, tokenizer, cfg.data, "train")
             if self.val_ds is not None:
@@ -253,13 +281,12 @@ class Loop:
         self.train_ds = tokenize(train_ds, tokenizer, cfg.data, self.source_prefix)
         self.val_tokenized = (tokenize(self.val_ds, tokenizer, cfg.data, self.source_prefix)
                               if self.val_ds is not None else None)  # for the references' cross-entropy
-        self.collate = Collator(tokenizer, model, cfg.data.loss_on)
-        self._check_task_losses()  # before the run dir is touched
-        for callback in self.callbacks:
-            callback.on_setup(self)
-        # Only now is the run dir changed (an overwritten run is moved aside, not deleted).
+        self.collate = Collator(tokenizer, self.model, cfg.data.loss_on)
+
+    def _setup_run_dir(self) -> None:
+        """Only now is the run dir changed (an overwritten run is moved aside, not deleted)."""
         distributed.on_main_then_broadcast(self.accelerator,
-                                           lambda: rundir.prepare_run_dir(cfg, self.run_dir, self.resume_from))
+                                           lambda: rundir.prepare_run_dir(self.cfg, self.run_dir, self.resume_from))
         rundir.run_dir_ready(self.run_dir)  # the log file opens on every process (mleps.runlog)
         self.logger = MetricsLog(self.run_dir, self.accelerator, self.is_main)
         try:
@@ -267,14 +294,25 @@ class Loop:
         except BaseException:
             self._restore_previous_run()
             raise
-        self.state = {"step": 0, "best_score": None, "elapsed_s": 0.0, "train_s": 0.0, "bad_steps_total": 0,
-                      "bad_steps_in_a_row": 0}
+
+    def _setup_state(self) -> None:
+        """A new run's state (a resumed run reads its own in _train)."""
+        self.state = TrainState()
         if self.resume_from is None and any(loss.needs_start_model for loss in
                                             (self.metric, self.eval_metric, *self.secondary_metrics)):
             if self.is_main:  # what a resumed run's task loss scores with (lm: its frozen copy)
                 save_checkpoint(self.ckpt_dir / RUN_START, self.accelerator.unwrap_model(self.model), self.tokenizer,
                                 self.meta(), state=self.state)
             self.accelerator.wait_for_everyone()
+
+    @property
+    def state(self) -> TrainState:
+        return self._state
+
+    @state.setter
+    def state(self, value: TrainState | dict) -> None:
+        # A dict is a trainer_state.json's contents (any version TrainState reads).
+        self._state = value if isinstance(value, TrainState) else TrainState.from_dict(value)
 
     def _check_sharding(self) -> None:
         """FSDP: version 2 (whose parameters stay in their modules, so generate runs on the model as is),
@@ -297,7 +335,7 @@ class Loop:
             logging_dir.mkdir(exist_ok=True)
         kwargs = {"wandb": {"dir": str(logging_dir)}, "dvclive": {"dir": str(logging_dir / "dvclive")}}
         if self.resume_from is not None:
-            kwargs["tensorboard"] = {"purge_step": rundir.read_state(self.resume_from)["step"] + 1}
+            kwargs["tensorboard"] = {"purge_step": read_train_state(self.resume_from).step + 1}
         try:
             self.accelerator.init_trackers(self.cfg.tracker_project, config=tracker_config(self.cfg),
                                            init_kwargs=kwargs)
@@ -380,7 +418,7 @@ class Loop:
     def _start_model(self, phase: Phase):
         """The weights `phase` started from, when a resume lands inside it (None at its start: the rule
         copies the model as it is). Saved at the phase's start (run), so the resumed run is the same run."""
-        if self.state["step"] <= phase.first_step:
+        if self.state.step <= phase.first_step:
             return None
         return self._saved_model(f"{phase.name}_start", f"trainer={phase.trainer.name} keeps the model its phase "
                                                         f"started from")
@@ -393,56 +431,52 @@ class Loop:
         if self.val_ds is None:
             return None
         distributed.check_in_sync(self.accelerator, self.model, step)
-        model = self.accelerator.unwrap_model(self.model)
         t0 = time.perf_counter()
         # Each process decodes every world-th sentence (a shard may be empty); the task losses'
         # statistics are summed over processes, the texts gathered for the primary metric's details.
         # Under FSDP every forward is a collective, so every process decodes every sentence (in step).
-        sharded = distributed.is_sharded(self.accelerator)
-        rank, world = (0, 1) if sharded else (self.accelerator.process_index, self.accelerator.num_processes)
-        metrics = [self.eval_metric, *self.secondary_metrics]
-        hyps, stats = decode_and_score(model, self.tokenizer, self.val_ds["source"][rank::world],
-                                       self.val_ds["references"][rank::world], self.cfg.decode, metrics,
-                                       source_prefix=self.source_prefix,
-                                       max_source_length=self.cfg.data.max_source_length,
-                                       progress=self.cfg.progress and self.is_main, desc=f"validate@{step}",
-                                       columns={c: self.val_ds[c][rank::world] for c in extra_columns(self.val_ds)})
-        shard = self.val_tokenized.select(range(rank, len(self.val_tokenized), world))
-        cross_entropy = reference_cross_entropy(model, shard, self.collate, self.cfg.decode.batch_size)
-        reduced = np.concatenate([*stats, cross_entropy])
-        if not sharded:
-            reduced = distributed.sum_array(self.accelerator, reduced)
-            hyps = distributed.gather_shards(self.accelerator, hyps, len(self.val_ds))
-        result = metric_report(metrics, np.split(reduced[:-2], np.cumsum([m.num_stats for m in metrics])[:-1]),
-                               hyps, self.val_ds["references"], *reduced[-2:])
+        acc, sharded = self.accelerator, distributed.is_sharded(self.accelerator)
+        rank, world = (0, 1) if sharded else (acc.process_index, acc.num_processes)
+        reduce = None if sharded else (lambda summed, hyps: (distributed.sum_array(acc, summed),
+                                                             distributed.gather_shards(acc, hyps, len(self.val_ds))))
+        hyps, result = evaluate_split(acc.unwrap_model(self.model), self.tokenizer, self.val_ds, self.val_tokenized,
+                                      self.collate, self.cfg.decode, [self.eval_metric, *self.secondary_metrics],
+                                      shard=(rank, world), reduce=reduce, columns=extra_columns(self.val_ds),
+                                      source_prefix=self.source_prefix,
+                                      max_source_length=self.cfg.data.max_source_length,
+                                      progress=self.cfg.progress and self.is_main, desc=f"validate@{step}")
         score = result["score"]
         self.logger.write({
             "step": step, "split": "validation", "phase": phase.name, "metric": self.eval_metric.name,
             "score": score, **{k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "score"},
             "n": len(hyps), "decode_s": time.perf_counter() - t0,
-            "elapsed_s": self._elapsed(), "train_s": self.state["train_s"],
+            "elapsed_s": self._elapsed(), "train_s": self.state.train_s,
         })
         log.info("step %d validation %s %.4g", step, self.eval_metric.name, score)
-        self.state["last_eval_step"], self.state["last_score"] = step, score
-        best, selected = self.state["best_score"], result[self.cfg.eval.select]
+        self._record_evaluation(step, score, result[self.cfg.eval.select])
+        return score
+
+    def _record_evaluation(self, step: int, score: float, selected: float) -> None:
+        """The state's scores and patience count; a new best is saved as checkpoints/best."""
+        state = self.state
+        state.last_eval_step, state.last_score = step, score
         higher_is_better = self.eval_metric.higher_is_better and self.cfg.eval.select == "score"
+        best = state.best_score
         if best is None or (selected > best if higher_is_better else selected < best):
-            self.state["best_score"] = selected
-            self.state["best_step"] = step
-            self.state["evals_without_improvement"] = 0
+            state.best_score, state.best_step = selected, step
+            state.evals_without_improvement = 0
             self.save("best")
         else:
-            self.state["evals_without_improvement"] = self.state.get("evals_without_improvement", 0) + 1
-        return score
+            state.evals_without_improvement += 1
 
     def _out_of_patience(self, tcfg) -> bool:
         """trainer.patience evaluations in a row without a new best (counted within the phase)."""
-        return bool(tcfg.patience) and self.state.get("evals_without_improvement", 0) >= tcfg.patience
+        return bool(tcfg.patience) and self.state.evals_without_improvement >= tcfg.patience
 
     # -- checkpoints -----------------------------------------------------------
     def meta(self) -> dict:
         return {"source_prefix": self.source_prefix, "data": self.cfg.data.name, "trainer": self.cfg.trainer.name,
-                "step": self.state["step"], "metric": self.eval_metric.name, "best_score": self.state["best_score"],
+                "step": self.state.step, "metric": self.eval_metric.name, "best_score": self.state.best_score,
                 # mleps.evaluate reads these back, so a checkpoint needs no repeated data/metric overrides
                 "data_config": OmegaConf.to_container(self.cfg.data, resolve=True),
                 "metric_config": OmegaConf.to_container(self.cfg.metric, resolve=True),
@@ -455,7 +489,7 @@ class Loop:
         finite = all(bool(torch.isfinite(p).all()) for p in distributed.local_tensors(self.model))
         if not (distributed.all_true(self.accelerator, finite) if sharded else finite):
             # A finite step can still overflow a weight; never replace a good checkpoint with it.
-            log.warning("step %d: the model has non-finite weights; %s not saved", self.state["step"], name)
+            log.warning("step %d: the model has non-finite weights; %s not saved", self.state.step, name)
         else:
             # FSDP: the full weights and optimizer state are gathered from every process's shard (collectives)
             weights = (distributed.without_tied_copies(self.model, self.accelerator.get_state_dict(self.prepared))
@@ -463,7 +497,7 @@ class Loop:
             optimizer_state = (distributed.full_optimizer_state(self.prepared, optimizer)
                                if sharded and optimizer is not None else None)
             if self.is_main:
-                state = dict(self.state, elapsed_s=self._elapsed())
+                state = self.state.replace(elapsed_s=self._elapsed())
                 save_checkpoint(self.ckpt_dir / name, self.accelerator.unwrap_model(self.model), self.tokenizer,
                                 self.meta(), state=state, optimizer=optimizer, scheduler=scheduler,
                                 state_dict=weights, optimizer_state=optimizer_state)
@@ -472,7 +506,7 @@ class Loop:
         self.accelerator.wait_for_everyone()
 
     def _elapsed(self) -> float:
-        return self.state["elapsed_s"] + time.perf_counter() - self._t_start
+        return self.state.elapsed_s + time.perf_counter() - self._t_start
 
     # -- training ---------------------------------------------------------------
     def train(self) -> dict:
@@ -495,104 +529,89 @@ class Loop:
 
     def _train(self) -> dict:
         self._t_start = time.perf_counter()
-        self._stop_after_phase = False  # a signal at a phase's last step (_run_phase)
-        interrupt = self.interrupt
+        self._stop_after_phase = False  # a signal at a phase's last step (_stop_if_signalled)
         if self.resume_from is not None:
-            self.state = rundir.read_state(self.resume_from)
-            log.info("resuming %s at step %d", self.run_dir, self.state["step"])
+            self.state = read_train_state(self.resume_from)
+            log.info("resuming %s at step %d", self.run_dir, self.state.step)
         summary = {"run_dir": str(self.run_dir), "phases": []}
-        firsts = self.state.setdefault("phase_first_steps", {})
+        firsts = self.state.phase_first_steps
         for i, phase in enumerate(self.phases):
             # A phase starts where the one before it stopped (early, by patience or max_train_s).
-            phase.first_step = firsts.setdefault(phase.name, min(self.state["step"], phase.first_step))
+            phase.first_step = firsts.setdefault(phase.name, min(self.state.step, phase.first_step))
             later_started = any(p.name in firsts for p in self.phases[i + 1:])  # e.g. this one ran out of max_train_s
-            finished = (self.state["step"] >= phase.last_step or phase.name in self.state.get("early_stopped", {})
+            finished = (self.state.step >= phase.last_step or phase.name in self.state.early_stopped
                         or later_started)
-            if finished:  # before a resume
-                summary["phases"].append(self._phase_summary(phase))
-                continue
-            model, optimizer, scheduler, rule, stream = self._setup_phase(phase)
-            if self.resume_from is not None:
-                same_phase = self.state.get("phase") == phase.name
-                sharded = distributed.is_sharded(self.accelerator)
-                load_training_state(self.resume_from, optimizer if same_phase else None,
-                                    scheduler if same_phase else None,
-                                    load_optimizer_state=partial(distributed.load_full_optimizer_state, model,
-                                                                 optimizer) if sharded else None)
-                self.resume_from = None
-            self.state["phase"] = phase.name
-            at_start = self.state["step"] == phase.first_step
-            if at_start:  # patience counts this phase's evaluations only
-                self.state["evals_without_improvement"] = 0
-            if at_start and phase.name == "main" and phase.first_step > 0:
-                self.save("warm_start")  # the common starting point for comparing rules (init_from=...)
-            if at_start and rule.needs_start_model(phase.trainer):
-                self.save(f"{phase.name}_start")  # what a resume within the phase hands back to the rule
-            if at_start and phase.name == "main":  # a warm start begins from random weights: nothing to measure
-                if self.state.get("last_eval_step") != self.state["step"]:
-                    self.evaluate(self.state["step"], phase)
-                self.state.setdefault("phase_start_scores", {})[phase.name] = self.state.get("last_score")
-            self._run_phase(phase, model, optimizer, scheduler, rule, stream, interrupt)
-            if self.state.get("last_eval_step") != self.state["step"]:
-                self.evaluate(self.state["step"], phase)
-            self.state.setdefault("phase_end_scores", {})[phase.name] = self.state.get("last_score")
-            self.save("last", optimizer, scheduler)
+            if not finished:  # finished: before a resume
+                self._train_phase(phase)
             summary["phases"].append(self._phase_summary(phase))
-            if self._stop_after_phase and phase is not self.phases[-1]:
-                log.warning("signal: saved %s at the end of %s (step %d); continue with resume=true",
-                            self.ckpt_dir / "last", phase.name, self.state["step"])
-                raise SystemExit(INTERRUPTED_EXIT)
-            if self._stop_after_phase:  # the run's very end: it finishes normally
-                log.warning("signal during the run's final evaluation and save: the run finished")
-        summary["best_score"] = self.state["best_score"]
+            self._stop_if_signalled(phase)
+        summary["best_score"] = self.state.best_score
         summary["elapsed_s"] = self._elapsed()
         return summary
 
+    def _train_phase(self, phase: Phase) -> None:
+        """The phase from its start, or from the resumed step, to its end: final evaluation and save."""
+        model, optimizer, scheduler, rule, stream = self._setup_phase(phase)
+        if self.resume_from is not None:
+            same_phase = self.state.phase == phase.name  # else the optimizer and scheduler start afresh
+            sharded = distributed.is_sharded(self.accelerator)
+            load_training_state(self.resume_from, optimizer if same_phase else None, scheduler if same_phase else None,
+                                load_optimizer_state=partial(distributed.load_full_optimizer_state, model,
+                                                             optimizer) if sharded else None)
+            self.resume_from = None
+        self.state.phase = phase.name
+        if self.state.step == phase.first_step:
+            self._start_phase(phase, rule)
+        self._run_phase(phase, model, optimizer, scheduler, rule, stream, self.interrupt)
+        if self.state.last_eval_step != self.state.step:
+            self.evaluate(self.state.step, phase)
+        self.state.phase_end_scores[phase.name] = self.state.last_score
+        self.save("last", optimizer, scheduler)
+
+    def _start_phase(self, phase: Phase, rule) -> None:
+        self.state.evals_without_improvement = 0  # patience counts this phase's evaluations only
+        if phase.name == "main" and phase.first_step > 0:
+            self.save("warm_start")  # the common starting point for comparing rules (init_from=...)
+        if rule.needs_start_model(phase.trainer):
+            self.save(f"{phase.name}_start")  # what a resume within the phase hands back to the rule
+        if phase.name == "main":  # a warm start begins from random weights: nothing to measure
+            if self.state.last_eval_step != self.state.step:
+                self.evaluate(self.state.step, phase)
+            self.state.phase_start_scores[phase.name] = self.state.last_score
+
+    def _stop_if_signalled(self, phase: Phase) -> None:
+        """A signal at a phase's last step: the phase ended as usual; the run stops after it."""
+        if not self._stop_after_phase:
+            return
+        if phase is not self.phases[-1]:
+            log.warning("signal: saved %s at the end of %s (step %d); continue with resume=true",
+                        self.ckpt_dir / "last", phase.name, self.state.step)
+            raise SystemExit(INTERRUPTED_EXIT)
+        log.warning("signal during the run's final evaluation and save: the run finished")  # it finishes normally
+
     def _phase_summary(self, phase: Phase) -> dict:
-        stopped = self.state.get("early_stopped", {}).get(phase.name, min(self.state["step"], phase.last_step))
+        state = self.state
+        stopped = state.early_stopped.get(phase.name, min(state.step, phase.last_step))
         return {"phase": phase.name, "trainer": phase.trainer.name, "steps": stopped - phase.first_step,
                 "configured_steps": phase.steps,
-                "early_stop_step": self.state.get("early_stopped", {}).get(phase.name),
-                "start_score": self.state.get("phase_start_scores", {}).get(phase.name),
-                "end_score": self.state.get("phase_end_scores", {}).get(phase.name, self.state.get("last_score"))}
+                "early_stop_step": state.early_stopped.get(phase.name),
+                "start_score": state.phase_start_scores.get(phase.name),
+                "end_score": state.phase_end_scores.get(phase.name, state.last_score)}
 
     def _run_phase(self, phase, model, optimizer, scheduler, rule, stream, interrupt) -> None:
         tcfg = phase.trainer
         window: dict[str, list[float]] = {}
-        budget_start_s = self.state["train_s"]  # for trainer.max_train_s (counted from this process's start)
-        bar = tqdm(total=phase.last_step, initial=self.state["step"], desc=phase.name,
+        budget_start_s = self.state.train_s  # for trainer.max_train_s (counted from this process's start)
+        bar = tqdm(total=phase.last_step, initial=self.state.step, desc=phase.name,
                    disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True)
-        while self.state["step"] < phase.last_step:
-            step = self.state["step"]
-            t0 = time.perf_counter()
-            local = step - phase.first_step
-            micro_batches = self._micro_batches(stream, local, rule.needs_every_micro_batch)
-            optimizer.zero_grad(set_to_none=True)
-            model.train()
-            stats = rule.update(micro_batches, step)
-            params = [p for p in model.parameters() if p.grad is not None]
-            max_norm = tcfg.max_grad_norm if (rule.clip_in_loop and tcfg.max_grad_norm > 0) else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-            # Every process takes the same decision, or their parameters would part ways.
-            if distributed.all_true(self.accelerator, self._step_is_finite(stats, grad_norm)):
-                rule.apply(optimizer)
-                scheduler.step()
-                self.state["bad_steps_in_a_row"] = 0
-            else:  # skip: no update, no scheduler step; the step still counts (its batch is not retried)
-                optimizer.zero_grad(set_to_none=True)
-                self._count_bad_step(step, tcfg.max_bad_steps)
-            self.state["step"] = step + 1
-            self.state["train_s"] += time.perf_counter() - t0
-            for k, v in dict(stats, grad_norm=grad_norm, step_s=time.perf_counter() - t0).items():
+        while self.state.step < phase.last_step:
+            stats = self._train_step(phase, model, optimizer, scheduler, rule, stream)
+            for k, v in stats.items():
                 window.setdefault(k, []).append(v)
             bar.update(1)
-            done = self.state["step"]
+            done = self.state.step
             if done % tcfg.log_every == 0 or done == phase.last_step:
-                means = {k: sum(v) / len(v) for k, v in window.items() if all(math.isfinite(x) for x in v)}
-                self.logger.write({"step": done, "split": "train", "phase": phase.name, "trainer": tcfg.name,
-                                   "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch(local + 1),
-                                   **means, "elapsed_s": self._elapsed(), "train_s": self.state["train_s"]})
-                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}")
+                self._log_train(phase, window, scheduler.get_last_lr()[0], stream.epoch(done - phase.first_step), bar)
                 window = {}
             if (done - phase.first_step) % tcfg.eval_every == 0:
                 self.evaluate(done, phase)
@@ -600,34 +619,74 @@ class Loop:
             early_stop = self.val_ds is not None and self._out_of_patience(tcfg)
             if done % tcfg.save_every == 0 and done < phase.last_step:
                 self.save("last", optimizer, scheduler)
-            # Signals and clocks reach processes at different moments: they stop at the same step or
-            # one would wait forever in a collective the other never joins.
-            out_of_time = tcfg.max_train_s is not None and self.state["train_s"] - budget_start_s >= tcfg.max_train_s
-            signalled, out_of_time = distributed.any_of_each(self.accelerator, [interrupt.signum is not None,
-                                                                                 out_of_time])
-            if signalled and done == phase.last_step:
-                # The phase's end (final evaluation, end score, save) comes next in _train, which stops after it:
-                # the checkpoint is then the finished phase, as in a run that was never signalled.
-                self._stop_after_phase = True
-            elif signalled:
-                self.save("last", optimizer, scheduler)
-                bar.close()
-                log.warning("signal %s: saved %s at step %d; continue with resume=true",
-                            interrupt.signum or "(on another process)", self.ckpt_dir / "last", done)
-                raise SystemExit(INTERRUPTED_EXIT)
-            if out_of_time:
-                log.info("%s: trainer.max_train_s=%s reached at step %d", phase.name, tcfg.max_train_s, done)
-                break
-            if early_stop:
-                msg = (f"{phase.name}: early stop at step {done}: {tcfg.patience} evaluations without a better "
-                       f"validation score; best {self.state['best_score']:.2f} at step {self.state.get('best_step')} "
-                       f"is checkpoints/best")
-                log.warning(msg)
-                self.logger.write({"step": done, "split": "train", "phase": phase.name, "event": "early_stop",
-                                   "best_step": self.state.get("best_step"), "best_score": self.state["best_score"]})
-                self.state.setdefault("early_stopped", {})[phase.name] = done
+            if self._stop_now(phase, optimizer, scheduler, bar, interrupt, budget_start_s) or (
+                    early_stop and self._stop_early(phase)):
                 break
         bar.close()
+
+    def _train_step(self, phase, model, optimizer, scheduler, rule, stream) -> dict:
+        """One update (or a skipped non-finite one); the rule's statistics, gradient norm and time."""
+        tcfg, step = phase.trainer, self.state.step
+        t0 = time.perf_counter()
+        micro_batches = self._micro_batches(stream, step - phase.first_step, rule.needs_every_micro_batch)
+        optimizer.zero_grad(set_to_none=True)
+        model.train()
+        stats = rule.update(micro_batches, step)
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = tcfg.max_grad_norm if (rule.clip_in_loop and tcfg.max_grad_norm > 0) else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        # Every process takes the same decision, or their parameters would part ways.
+        if distributed.all_true(self.accelerator, self._step_is_finite(stats, grad_norm)):
+            rule.apply(optimizer)
+            scheduler.step()
+            self.state.bad_steps_in_a_row = 0
+        else:  # skip: no update, no scheduler step; the step still counts (its batch is not retried)
+            optimizer.zero_grad(set_to_none=True)
+            self._count_bad_step(step, tcfg.max_bad_steps)
+        self.state.step = step + 1
+        self.state.train_s += time.perf_counter() - t0
+        return dict(stats, grad_norm=grad_norm, step_s=time.perf_counter() - t0)
+
+    def _log_train(self, phase: Phase, window: dict, lr: float, epoch, bar) -> None:
+        """The means of the steps since the last train event (non-finite ones left out)."""
+        means = {k: sum(v) / len(v) for k, v in window.items() if all(math.isfinite(x) for x in v)}
+        self.logger.write({"step": self.state.step, "split": "train", "phase": phase.name,
+                           "trainer": phase.trainer.name, "lr": lr, "epoch": epoch,
+                           **means, "elapsed_s": self._elapsed(), "train_s": self.state.train_s})
+        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}")
+
+    def _stop_now(self, phase, optimizer, scheduler, bar, interrupt, budget_start_s) -> bool:
+        """A signal (save and exit) or trainer.max_train_s (end the phase: True)."""
+        tcfg, done = phase.trainer, self.state.step
+        # Signals and clocks reach processes at different moments: they stop at the same step or
+        # one would wait forever in a collective the other never joins.
+        out_of_time = tcfg.max_train_s is not None and self.state.train_s - budget_start_s >= tcfg.max_train_s
+        signalled, out_of_time = distributed.any_of_each(self.accelerator, [interrupt.signum is not None,
+                                                                             out_of_time])
+        if signalled and done == phase.last_step:
+            # The phase's end (final evaluation, end score, save) comes next in _train, which stops after it:
+            # the checkpoint is then the finished phase, as in a run that was never signalled.
+            self._stop_after_phase = True
+        elif signalled:
+            self.save("last", optimizer, scheduler)
+            bar.close()
+            log.warning("signal %s: saved %s at step %d; continue with resume=true",
+                        interrupt.signum or "(on another process)", self.ckpt_dir / "last", done)
+            raise SystemExit(INTERRUPTED_EXIT)
+        if out_of_time:
+            log.info("%s: trainer.max_train_s=%s reached at step %d", phase.name, tcfg.max_train_s, done)
+        return out_of_time
+
+    def _stop_early(self, phase: Phase) -> bool:
+        """trainer.patience ran out: logged, and the phase's stop step kept in the state."""
+        state, done = self.state, self.state.step
+        log.warning(f"{phase.name}: early stop at step {done}: {phase.trainer.patience} evaluations without a "
+                    f"better validation score; best {state.best_score:.2f} at step {state.best_step} is "
+                    f"checkpoints/best")
+        self.logger.write({"step": done, "split": "train", "phase": phase.name, "event": "early_stop",
+                           "best_step": state.best_step, "best_score": state.best_score})
+        state.early_stopped[phase.name] = done
+        return True
 
     def _micro_batches(self, stream: BatchStream, local_step: int, everyone: bool) -> list:
         """This process's micro-batches of the step (or all of them), each with its Shard."""
@@ -650,8 +709,9 @@ class Loop:
         return math.isfinite(grad_norm) and (loss is None or math.isfinite(loss))
 
     def _count_bad_step(self, step: int, max_bad_steps: int) -> None:
-        self.state["bad_steps_total"] += 1
-        in_a_row = self.state["bad_steps_in_a_row"] = self.state.get("bad_steps_in_a_row", 0) + 1
+        self.state.bad_steps_total += 1
+        self.state.bad_steps_in_a_row += 1
+        in_a_row = self.state.bad_steps_in_a_row
         # Step numbers as in metrics.jsonl: the step that ends with this update.
         log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, at most %d)",
                     step + 1, in_a_row, max_bad_steps)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mleps.checkpoint import STATE_FILE, find_complete
+from mleps.checkpoint import STATE_FILE, find_complete, read_train_state
 from mleps.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def check_run_dir(cfg, run_dir: Path, quiet: bool = False) -> Path | None:
         if not quiet:
             log.warning("resume: %s holds no checkpoint and no logged step yet; starting it from step 0", run_dir)
         return None
-    read_state(last)  # a garbled trainer_state.json fails here, before anything is changed
+    read_train_state(last)  # a garbled trainer_state.json fails here, before anything is changed
     check_resume_files(last)
     return last
 
@@ -120,7 +120,7 @@ def _check_restart(cfg, run_dir: Path) -> None:
     for folder in sorted(ckpts.iterdir()) if ckpts.is_dir() else []:
         found = None if folder.name.startswith(".") else find_complete(folder)
         if found is not None:
-            held.append(f"checkpoints/{found.name} (step {read_state(found)['step']})")
+            held.append(f"checkpoints/{found.name} (step {read_train_state(found).step})")
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.read_text(errors="replace").strip():
         held.append("metrics.jsonl")
@@ -145,18 +145,6 @@ def check_resume_files(checkpoint: Path) -> None:
             raise UserError(f"cannot resume: {path} is missing or unreadable ({type(e).__name__}); nothing was "
                             f"changed: resume from an intact copy of the run, or start a new run in another "
                             f"output_dir (init_from={checkpoint.parent / 'best'} if that one is intact)") from None
-
-
-def read_state(checkpoint: Path) -> dict:
-    path = checkpoint / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-        int(state["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot resume: {path} is unreadable ({type(e).__name__}); the run cannot continue from "
-                        f"it: start a new run in another output_dir (init_from={checkpoint.parent / 'best'} "
-                        f"if that one is intact)") from None
-    return state
 
 
 def flat_config(cfg) -> dict:
@@ -229,7 +217,7 @@ def prepare_run_dir(cfg, run_dir: Path, resume_from: Path | None) -> None:
         fresh = not holds_run(run_dir)
         if resume_from is not None:
             # Events logged after the checkpoint by the run that stopped are logged again by this one.
-            _truncate_metrics(run_dir / "metrics.jsonl", read_state(resume_from)["step"])
+            _truncate_metrics(run_dir / "metrics.jsonl", read_train_state(resume_from).step)
             (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this run finishes
         elif not fresh:  # overwrite=true, or resume=true of a run that holds nothing yet: kept aside
             _move_aside(run_dir)

@@ -63,7 +63,7 @@ def run(name: str, spec: dict, out: Path, rank: int) -> dict:
         loop = Loop(cfg, out / name)
         loop.setup()
         summary = loop.train()
-        result = {"ok": True, "best_score": summary["best_score"], "state": loop.state}
+        result = {"ok": True, "best_score": summary["best_score"], "state": loop.state.to_dict()}
     except UserError as e:
         result = {"ok": False, "error": str(e), "exit_code": e.exit_code}
     finally:

@@ -63,7 +63,7 @@ def two_steps_move_the_weights(pairs, tmp_path, rule, *option):
     loop.setup()
     before = {n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
     loop.train()
-    assert loop.state["step"] == 2 and loop.state["bad_steps_total"] == 0
+    assert loop.state.step == 2 and loop.state.bad_steps_total == 0
     after = dict(loop.model.named_parameters())
     assert all(torch.isfinite(after[n]).all() for n in before)
     assert any(not torch.equal(after[n], before[n]) for n in before), "no weight moved"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import mleps.trainers.mle as mle
 from conftest import REPO, TINY_MODEL
-from mleps.checkpoint import STATE_FILE
+from mleps.checkpoint import STATE_FILE, TrainState
 from mleps.errors import BAD_STEPS_EXIT, TrainingDiverged
 from mleps.loop import Loop
 from mleps.trainers.base import Shard
@@ -78,12 +78,12 @@ def make_loop(cfg, run_dir) -> Loop:
 def test_bad_step_counting_unit():
     loop = Loop.__new__(Loop)
     loop.ckpt_dir = REPO / "does-not-exist"
-    loop.state = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
+    loop.state = TrainState()
     assert Loop._step_is_finite({"loss": 1.0, "ess": float("nan")}, 0.5), "diagnostics may be NaN"
     assert not Loop._step_is_finite({"loss": float("inf")}, 0.5)
     assert not Loop._step_is_finite({"loss": 1.0}, float("nan"))
     loop._count_bad_step(3, max_bad_steps=2)
-    assert loop.state == {"bad_steps_total": 1, "bad_steps_in_a_row": 1}
+    assert (loop.state.bad_steps_total, loop.state.bad_steps_in_a_row) == (1, 1)
     with pytest.raises(TrainingDiverged) as err:
         loop._count_bad_step(4, max_bad_steps=2)
     assert err.value.exit_code == BAD_STEPS_EXIT == 3
@@ -105,7 +105,7 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(base_c
         real_apply = rule.apply
 
         def apply(opt):
-            updates.append(loop.state["step"])
+            updates.append(loop.state.step)
             real_apply(opt)
 
         rule.apply = apply
@@ -123,8 +123,8 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(base_c
     assert type(loop.accelerator.unwrap_model(loop.model)).__name__ == \
         {"seq2seq": "MarianMTModel", "causal": "GPT2LMHeadModel"}[family]
     assert updates == [0, 3], "steps 1 and 2 applied no update"
-    assert loop.state["bad_steps_total"] == 2 and loop.state["bad_steps_in_a_row"] == 0
-    assert loop.state["step"] == 4, "a skipped step still counts: its batch is not retried"
+    assert loop.state.bad_steps_total == 2 and loop.state.bad_steps_in_a_row == 0
+    assert loop.state.step == 4, "a skipped step still counts: its batch is not retried"
     # the weights before step 2 (after skipped step 1) are those before step 1
     before = dict(snapshots)
     assert all(torch.equal(a, b) for a, b in zip(before[1], before[2]))
@@ -141,7 +141,7 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(base_cfg, tmp_path):
     good = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
     with torch.no_grad():
         next(loop.model.parameters()).fill_(float("inf"))
-    loop.state["step"] = 1
+    loop.state.step = 1
     loop.save("last")
     kept = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
     assert all(torch.equal(good[k], kept[k]) for k in good)

@@ -129,7 +129,7 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(pairs, tmp_path, family,
     run(config(pairs, tmp_path / "b", family, rule, *LORA, "trainer.max_steps=2"), tmp_path / "b")
     resumed = run(config(pairs, tmp_path / "b", family, rule, *LORA, "trainer.max_steps=4", "resume=true"),
                   tmp_path / "b")
-    assert resumed.state["step"] == straight.state["step"] == 4
+    assert resumed.state.step == straight.state.step == 4
     for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
         a, b = (load_file(str(tmp_path / r / "checkpoints" / "last" / name)) for r in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
