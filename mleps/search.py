@@ -101,46 +101,87 @@ realised share n_0/K, the balance heuristic of multiple importance sampling.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-PROPOSALS = ("zero", "guided", "mixture")
-WEIGHTINGS = ("boltzmann", "rank", "zscore", "uniform")
-DENSITIES = ("fixed_norm", "exact", "mgs_reference", "none")
-NOISE_MODES = ("relative", "constant")
+from mleps.choice import Choice
+
+
+class Proposal(Choice):
+    zero = "zero"  # N(0, σ²) only
+    guided = "guided"  # N(μ, σ²) only
+    mixture = "mixture"  # λ N(0, σ²) + (1 - λ) N(μ, σ²)
+
+
+class Weighting(Choice):
+    boltzmann = "boltzmann"  # exp(-(C_k - C_0)/α)
+    rank = "rank"  # softmax of -rank_k/α, ranks in [0, 1]
+    zscore = "zscore"  # standardised losses
+    uniform = "uniform"  # w_k = 1/K: the blind ablation
+
+
+class Density(Choice):
+    fixed_norm = "fixed_norm"
+    exact = "exact"
+    mgs_reference = "mgs_reference"
+    none = "none"
+
+
+class NoiseMode(Choice):
+    relative = "relative"  # σ_j = noise_scale · mean|guide_j|
+    constant = "constant"  # σ_j = noise_scale
+
+
+PROPOSALS = tuple(m.value for m in Proposal)
+WEIGHTINGS = tuple(m.value for m in Weighting)
+DENSITIES = tuple(m.value for m in Density)
+NOISE_MODES = tuple(m.value for m in NoiseMode)
 DEFAULT_TEMPERATURE = 0.01  # the MGS reference default β = 100
 
 _MASK64 = (1 << 64) - 1
 
 
 @dataclass
-class SearchConfig:
+class SearchKnobs:
+    """The search's knobs, declared once: SearchConfig adds what a caller derives, and
+    mleps.trainers.mgs.MGSConfig inherits them as trainer.* keys (their help text is here)."""
+
+    num_samples: int = 4  # K perturbations per step
+    proposal: Proposal = Proposal.mixture  # zero | guided | mixture
+    mixture_weight: float = 0.5  # λ: share of zero-centred perturbations
+    noise_scale: float = 1.0  # σ (noise_mode=relative: times each tensor's mean |guide|)
+    noise_mode: NoiseMode = NoiseMode.relative  # relative | constant
+    # α, in units of the task loss (1 - metric/100); None: 1/beta (or DEFAULT_TEMPERATURE without beta)
+    temperature: Optional[float] = DEFAULT_TEMPERATURE
+    beta: Optional[float] = None  # β = 1/α, the MGS paper's parametrisation; set temperature=None to use it
+    density: Density = Density.fixed_norm  # proposal density in the importance weights (docs/sampling-view.md)
+    # Levers on the weights' signal (docs/mgs.md, "Levers"); the defaults are the plain rule.
+    target_ess: Optional[float] = None  # share of the samples in (0, 1]: α chosen per step so ESS = share·K
+    weighting: Weighting = Weighting.boltzmann  # boltzmann | rank | zscore | uniform (blind: w_k = 1/K)
+    antithetic: bool = False  # mirrored pairs (z, -z) around the same centre; K even
+    line_search_scales: List[float] = field(default_factory=list)  # extra noiseless samples at s·μ, e.g. [0.5,1,2,4]
+
+
+@dataclass
+class SearchConfig(SearchKnobs):
     """Hyper-parameters of one importance-sampled update (symbols in the module docstring)."""
 
-    num_samples: int = 4
-    density: str = "fixed_norm"
-    temperature: Optional[float] = None  # α; None means DEFAULT_TEMPERATURE or 1/beta
-    beta: Optional[float] = None  # β = 1/α, the MGS paper's parametrisation
-    proposal: str = "mixture"
-    mixture_weight: float = 0.5
-    noise_scale: float = 1.0
-    noise_mode: str = "relative"
     guide_scale: float = 1.0
     stratify_components: bool = True
-    antithetic: bool = False  # mirrored pairs (z, -z) around the same centre; K even
-    line_search_scales: Tuple[float, ...] = ()  # extra noiseless samples at s·μ, one per scale s
-    weighting: str = "boltzmann"  # boltzmann | rank (ranks in [0, 1]) | zscore (standardised) | uniform (blind)
-    target_ess: Optional[float] = None  # share of the samples in (0, 1]: α chosen per step so ESS = share·K
+
+    @classmethod
+    def from_knobs(cls, knobs, **extra) -> "SearchConfig":
+        """The SearchKnobs of `knobs` (any object with them as attributes, e.g. MGS's trainer config)."""
+        return cls(**{f.name: getattr(knobs, f.name) for f in fields(SearchKnobs)}, **extra)
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
-        for name, allowed in (("density", DENSITIES), ("proposal", PROPOSALS), ("noise_mode", NOISE_MODES),
-                              ("weighting", WEIGHTINGS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, choice in (("density", Density), ("proposal", Proposal), ("noise_mode", NoiseMode),
+                             ("weighting", Weighting)):
+            setattr(self, name, choice.parse(name, getattr(self, name)))
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
             raise ValueError(f"noise_scale must be finite and > 0, got {self.noise_scale!r}")
         if not (0.0 <= self.mixture_weight <= 1.0):

@@ -151,7 +151,8 @@ def test_a_bad_number_or_choice_fails_at_start_and_writes_nothing(tmp_path, capf
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("trainer.density=typo", "trainer: density"), ("trainer.guide=nope", "trainer.guide=nope"),
+    ("trainer.density=typo", "trainer.density=typo; Invalid value 'typo', expected one of [fixed_norm"),
+    ("trainer.guide=nope", "trainer.guide=nope"),
     ("trainer.perturb=x", "trainer.perturb=x"), ("trainer.warm_start_schedule=x", "trainer.warm_start_schedule 'x'"),
     ("trainer.num_samples=0", "num_samples"),
 ])

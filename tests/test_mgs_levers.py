@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from mleps.config import MGSConfig
 from mleps.errors import UserError
@@ -137,11 +138,18 @@ def test_rank_weighting_depends_on_the_order_of_losses_only(warm, monkeypatch):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ({"perturb_params": "everything"}, "trainer.perturb_params"),
-    ({"guide_params": "some"}, "trainer.guide_params"),
+    ({"perturb_params": "everything"}, "perturb_params"), ({"guide_params": "some"}, "guide_params"),
+    ({"weighting": "softmax"}, "weighting"), ({"proposal": "best"}, "proposal"), ({"guide": "other"}, "guide"),
+])
+def test_bad_choices_are_refused_by_the_schema(override, needle):
+    """The choices are enums (mleps.choice.Choice): the schema names the key and its values (the CLI's one line)."""
+    with pytest.raises(ValidationError, match=rf"(?s)Invalid value .*expected one of .*full_key: {needle}\b"):
+        OmegaConf.merge(OmegaConf.structured(MGSConfig), override)
+
+
+@pytest.mark.parametrize("override,needle", [
     ({"scoring_batch_size": 8, "batch_size": 16}, "trainer.scoring_batch_size"),
     ({"target_ess": 1.5}, "target_ess"),
-    ({"weighting": "softmax"}, "weighting"),
     ({"antithetic": True, "num_samples": 3}, "even"),
     ({"line_search_scales": [1.0], "density": "exact"}, "line_search_scales"),
 ])

@@ -51,8 +51,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import astuple, dataclass, field, fields
-from typing import List, Optional
+from dataclasses import astuple, dataclass, fields
+from typing import Optional
 
 import numpy as np
 import torch
@@ -62,50 +62,85 @@ from mleps import distributed
 from mleps import population as batched_decoding
 from mleps.decoding import DecodedBatch, decoded_batch, eos_ids, generate
 from mleps.errors import UserError
-from mleps.search import (PerturbationStats, SearchConfig, apply_perturbation_, compute_noise_scales, draw_samples,
-                          importance_weights, write_update_)
+from mleps.choice import Choice
+from mleps.search import (PerturbationStats, SearchConfig, SearchKnobs, apply_perturbation_, compute_noise_scales,
+                          draw_samples, importance_weights, write_update_)
 from mleps.trainers.base import Shard, TrainerConfig, UpdateRule, label_tokens, register_rule, token_cross_entropy
 from mleps.trainers.sequences import pad_rows, token_log_probs, trim
 
-PERTURB_PARAMS = ("all", "norms_biases", "output")
-GUIDE_TARGETS = ("reference", "best_sample")
+
+class Guide(Choice):
+    scaled = "scaled"  # mu = -guide_scale * g
+    optimizer = "optimizer"  # mu = the optimizer's own next step
+
+
+class Perturb(Choice):
+    inplace = "inplace"  # perturb the live parameters, restore them bit-exactly
+    copy = "copy"  # deep copy per sample, the original code's way
+
+
+class Apply(Choice):
+    optimizer = "optimizer"  # -update handed to the optimizer as .grad
+    sgd = "sgd"  # theta += update
+
+
+class Decode(Choice):
+    greedy = "greedy"
+    sample = "sample"
+
+
+class Parallel(Choice):
+    data = "data"  # each process decodes its shard under every perturbation
+    population = "population"  # each process decodes the whole batch under its share of them
+
+
+class DecodePopulation(Choice):
+    sequential = "sequential"  # one generate per parameter set
+    batched = "batched"  # one generate for all K+1 (mleps.population)
+
+
+class PerturbParams(Choice):
+    all = "all"
+    norms_biases = "norms_biases"  # 1-d tensors
+    output = "output"
+
+
+class GuideParams(Choice):
+    all = "all"  # the other tensors move along the weighted guide
+    perturbed = "perturbed"  # only the searched tensors move
+
+
+class GuideTarget(Choice):
+    reference = "reference"  # cross-entropy on the references
+    best_sample = "best_sample"  # on each row's best output (see _best_targets)
 
 
 @dataclass
-class MGSConfig(TrainerConfig):
+class MGSConfig(SearchKnobs, TrainerConfig):
+    """trainer=mgs: the trainer section, the search's knobs (mleps.search.SearchKnobs: num_samples, proposal,
+    mixture_weight, noise_scale, noise_mode, temperature, beta, density, target_ess, weighting, antithetic,
+    line_search_scales, declared and defaulted there) and the rule's own below."""
+
     name: str = "mgs"
     lr: float = 1e-4
     schedule: str = "constant"
     warmup_steps: int = 0
-    num_samples: int = 4  # K perturbations per step
-    proposal: str = "mixture"  # zero | guided | mixture
-    mixture_weight: float = 0.5  # lambda: share of zero-centred perturbations
-    noise_scale: float = 1.0  # sigma (relative: times each tensor's mean |guide|)
-    noise_mode: str = "relative"  # relative | constant
-    temperature: Optional[float] = 0.01  # alpha, in units of the task loss (1 - metric/100)
-    beta: Optional[float] = None  # the MGS paper's 1/alpha (100 there); set temperature=null to use it
-    density: str = "fixed_norm"  # proposal density in the importance weights (see docs/sampling-view.md)
-    guide: str = "optimizer"  # scaled: mu = -guide_scale * g ; optimizer: mu = the optimizer's own next step
+    guide: Guide = Guide.optimizer  # scaled: mu = -guide_scale * g ; optimizer: mu = the optimizer's own next step
     guide_scale: float = 1.0
     guide_max_norm: float = 1.0  # the guide gradient g is clipped to this norm first (0 = off)
-    decode: str = "greedy"  # greedy | sample
+    decode: Decode = Decode.greedy  # greedy | sample
     max_new_tokens: int = 64
-    perturb: str = "inplace"  # inplace | copy (deep copy per sample, the original code's way)
-    parallel: str = "data"  # several processes: data (each decodes its shard) | population (each its samples)
-    decode_population: str = "sequential"  # sequential: one generate per parameter set | batched: one for all
-    apply: str = "sgd"  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
+    perturb: Perturb = Perturb.inplace  # inplace | copy (deep copy per sample, the original code's way)
+    parallel: Parallel = Parallel.data  # several processes: data (each decodes its shard) | population (each its samples)
+    decode_population: DecodePopulation = DecodePopulation.sequential  # sequential: one generate per parameter set | batched: one for all
+    apply: Apply = Apply.sgd  # optimizer: -update handed to the optimizer as .grad ; sgd: theta += update
     sgd_scale: float = 1.0
     update_max_norm: float = 0.0  # clip Δθ* to this norm before it is applied (the reference clips to 1); 0 = off
-    # Levers on the weights' signal (docs/mgs.md, "Levers"); the defaults are the plain rule.
-    target_ess: Optional[float] = None  # share of the samples in (0, 1]: alpha chosen per step so ESS = share x K
-    weighting: str = "boltzmann"  # boltzmann: exp(-(C_k - C_0)/alpha) | rank: softmax of -rank_k/alpha, ranks in [0, 1]
-    antithetic: bool = False  # mirrored pairs Delta and -Delta around the same centre (K even)
     scoring_batch_size: Optional[int] = None  # rows decoded and scored per micro-batch (>= batch_size, the guide's)
-    perturb_params: str = "all"  # the tensors the noise perturbs: all | norms_biases (1-d tensors) | output
-    guide_params: str = "all"  # all: other tensors move along the weighted guide | perturbed: only the searched move
-    line_search_scales: List[float] = field(default_factory=list)  # extra noiseless samples at s x mu, e.g. [0.5,1,2,4]
+    perturb_params: PerturbParams = PerturbParams.all  # the tensors the noise perturbs: all | norms_biases (1-d tensors) | output
+    guide_params: GuideParams = GuideParams.all  # all: other tensors move along the weighted guide | perturbed: only the searched move
     # What the guide g is the gradient of (docs/mgs.md, "A guide that knows the task loss").
-    guide_target: str = "reference"  # reference: cross-entropy on the references | best_sample (see _best_targets)
+    guide_target: GuideTarget = GuideTarget.reference  # reference: cross-entropy on the references | best_sample
     guide_samples: int = 4  # best_sample: outputs sampled per source beside its greedy output
     guide_sample_temperature: float = 1.0
     guide_mle_mix: float = 0.0  # best_sample: + this x the references' token cross-entropy in g
@@ -161,14 +196,9 @@ def decoded_row(decoded: DecodedBatch, n: int) -> DecodedBatch:
 
 
 def search_config(cfg) -> SearchConfig:
+    """The search of trainer config `cfg` (its SearchKnobs as they are; μ's scale only for guide=scaled)."""
     try:
-        return SearchConfig(
-            num_samples=cfg.num_samples, density=cfg.density, temperature=cfg.temperature, beta=cfg.beta,
-            proposal=cfg.proposal, mixture_weight=cfg.mixture_weight, noise_scale=cfg.noise_scale,
-            noise_mode=cfg.noise_mode, guide_scale=cfg.guide_scale if cfg.guide == "scaled" else 1.0,
-            antithetic=cfg.antithetic, line_search_scales=tuple(cfg.line_search_scales), weighting=cfg.weighting,
-            target_ess=cfg.target_ess,
-        )
+        return SearchConfig.from_knobs(cfg, guide_scale=cfg.guide_scale if cfg.guide == "scaled" else 1.0)
     except ValueError as e:
         raise UserError(f"trainer: {e}") from None
 
@@ -196,13 +226,7 @@ class MGS(UpdateRule):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        search_config(cfg)
-        choices = {"guide": ("scaled", "optimizer"), "perturb": ("inplace", "copy"),
-                   "apply": ("optimizer", "sgd"), "decode": ("greedy", "sample"), "parallel": ("data", "population"),
-                   "decode_population": ("sequential", "batched")}
-        for key, allowed in choices.items():
-            if cfg[key] not in allowed:
-                raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
+        search_config(cfg)  # the choices (guide, perturb, ...) are Choice enums, checked by the schema
         if cfg.guide == "optimizer" and cfg.apply != "sgd":
             raise UserError("trainer.guide=optimizer already advances the optimizer: use it with trainer.apply=sgd")
         if cfg.max_new_tokens < 1:
@@ -215,11 +239,6 @@ class MGS(UpdateRule):
         if cfg.decode_population == "batched" and (cfg.decode != "greedy" or cfg.perturb != "inplace"):
             raise UserError("trainer.decode_population=batched decodes greedily from stacked parameters: use it "
                             "with trainer.decode=greedy trainer.perturb=inplace, or decode_population=sequential")
-        for key, allowed in (("perturb_params", PERTURB_PARAMS), ("guide_params", ("all", "perturbed"))):
-            if cfg[key] not in allowed:
-                raise UserError(f"trainer.{key}={cfg[key]} is not one of: {', '.join(allowed)}")
-        if cfg.guide_target not in GUIDE_TARGETS:
-            raise UserError(f"trainer.guide_target={cfg.guide_target} is not one of: {', '.join(GUIDE_TARGETS)}")
         if cfg.guide_target == "best_sample":
             if cfg.guide_samples < 1:
                 raise UserError(f"trainer.guide_samples={cfg.guide_samples}: use 1 or more")
