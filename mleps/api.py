@@ -177,8 +177,8 @@ class Trainer:
 
 
 def _metric_override(name: str) -> str:
-    """metric=<name> where mleps/conf/metric has its yaml (its defaults too), else metric.name=<name> (a loss
-    registered by the caller's code, with the metric.* options as they are)."""
-    from mleps.config import CONF_DIR
+    """metric=<name> for a registered loss (its yaml's values, or its node's defaults: one registered by the
+    caller's code after import has its own node too), else metric.name=<name> (build_task_loss says what is wrong)."""
+    from mleps.task_loss import TASK_LOSSES
 
-    return f"metric={name}" if (CONF_DIR / "metric" / f"{name}.yaml").is_file() else f"metric.name={name}"
+    return f"metric={name}" if name in TASK_LOSSES else f"metric.name={name}"

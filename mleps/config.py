@@ -8,6 +8,7 @@ module under mleps/trainers and is registered from the rules' table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-import mleps.losses  # noqa: F401  (registers the built-in task losses, whose options MetricConfig holds)
+import mleps.losses  # noqa: F401  (registers the built-in task losses, each with its config node)
 from mleps.errors import UserError
-from mleps.task_loss import option_fields
+from mleps.task_loss import TASK_LOSSES, Level, option_fields
 
 # Each update rule owns its schema beside its step (mleps/trainers); re-exported here with the others.
 from mleps.trainers import RULES
@@ -33,7 +34,7 @@ from mleps.trainers.sequences import SequenceSamplingConfig
 # module, so a wheel installed anywhere runs from any working directory.
 CONF_DIR = Path(str(importlib.resources.files("mleps") / "conf"))
 
-__all__ = ["CONF_DIR", "conf_dir", "DataConfig", "ModelConfig", "MetricConfig", "EvalConfig", "DecodeConfig", "TrainConfig", "EvaluateConfig",
+__all__ = ["CONF_DIR", "conf_dir", "DataConfig", "ModelConfig", "MetricBase", "metric_schema", "EvalConfig", "DecodeConfig", "TrainConfig", "EvaluateConfig",
            "TrainerConfig", "MLEConfig", "MGSConfig", "SequenceSamplingConfig", "PGConfig", "MRTConfig",
            "register_configs"]
 
@@ -106,19 +107,32 @@ class ModelConfig:
 
 @dataclass
 class MetricBase:
-    """The task loss (docs/metrics.md): what MGS/PG/MRT minimise and validation selects on."""
+    """The task loss (docs/metrics.md): what MGS/PG/MRT minimise and validation selects on. `metric=<name>`
+    picks one; its node is this plus the loss's own options (metric_schema)."""
 
     name: str = "bleu"  # a registered task loss (mleps.losses): bleu | chrf | rouge | repetition | seq_rep | ...
-    level: str = "corpus"  # corpus: one loss pooled over the batch; sentence: mean of sentence losses
+    level: Level = Level.corpus  # corpus: one loss pooled over the batch; sentence: mean of sentence losses
 
 
-def metric_schema() -> type:
-    """MetricBase plus every registered loss's options as metric.* keys (their help is beside each loss,
-    e.g. mleps.losses.lm.LMOptions). One namespace: composite components and eval.metrics share it."""
-    return dataclasses.make_dataclass("MetricConfig", option_fields(), bases=(MetricBase,))
+def metric_schema(name: str) -> type:
+    """The config node of task loss `name`: MetricBase plus its options (their help is beside each loss, e.g.
+    mleps.losses.lm.LMOptions), `<name>_metric_schema` in the ConfigStore. Built when asked, so a loss
+    registered after import (a user's package) has its own keys."""
+    return _metric_schema(name, TASK_LOSSES[name], tuple(TASK_LOSSES.values()))
 
 
-MetricConfig = metric_schema()  # the losses registered on import (mleps.losses); a later one brings no new keys
+def checkpoint_metric_schema() -> type:
+    """mleps.evaluate's default node (`metric: from_checkpoint`): the checkpoint's own task loss, adopted from
+    its saved config (bleu for a folder that names none), so it takes every loss's options as metric.* keys."""
+    return _metric_schema("bleu", None, tuple(TASK_LOSSES.values()))
+
+
+@functools.lru_cache(maxsize=None)
+def _metric_schema(name: str, loss: type, registered: tuple) -> type:  # one class per loss and registry state
+    if loss is None:  # every loss's options (checkpoint_metric_schema)
+        return dataclasses.make_dataclass("CheckpointMetricConfig", option_fields(), bases=(MetricBase,))
+    return dataclasses.make_dataclass("".join(w.title() for w in name.split("_")) + "MetricConfig",
+                                      [("name", str, field(default=name))], bases=(loss.config_options(), MetricBase))
 
 
 @dataclass
@@ -142,7 +156,7 @@ class TrainConfig:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
     trainer: TrainerConfig = MISSING
-    metric: MetricConfig = field(default_factory=MetricConfig)
+    metric: MetricBase = field(default_factory=MetricBase)  # metric=<name> brings that loss's own node
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     seed: int = 0
@@ -167,7 +181,7 @@ class TrainConfig:
 class EvaluateConfig:
     checkpoint: str = MISSING
     data: DataConfig = MISSING
-    metric: MetricConfig = field(default_factory=MetricConfig)
+    metric: MetricBase = field(default_factory=MetricBase)  # metric=<name> brings that loss's own node
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     split: str = "test"
@@ -187,7 +201,11 @@ def register_configs(trainer_schemas: dict[str, type] | None = None) -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="metric", name="metric_schema", node=MetricConfig)
+    for name in TASK_LOSSES:  # every registered task loss's own node; one without a yaml file is its own option
+        cs.store(group="metric", name=f"{name}_metric_schema", node=metric_schema(name))
+        if not (CONF_DIR / "metric" / f"{name}.yaml").is_file():
+            cs.store(group="metric", name=name, node=metric_schema(name))
+    cs.store(group="metric", name="from_checkpoint", node=checkpoint_metric_schema())
     for name, rule in RULES.items():  # every registered rule's own schema
         schema = (trainer_schemas or {}).get(name, rule.schema)
         if not issubclass(schema, rule.schema):  # an extension keeps every key the rule reads

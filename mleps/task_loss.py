@@ -19,7 +19,9 @@ loss itself).
     stats = loss.stats(decoded_a) + loss.stats(decoded_b)
     loss.loss_from_stats(stats)
 
-Registering a loss (one module; `metric=<name>` then builds it, and its options become `metric.*` keys):
+Registering a loss (one module; `metric=<name>` then builds it, and its options become the `metric.*` keys
+of its own config node, `<name>_metric_schema` in Hydra's ConfigStore, so a user's package may register one
+after mleps is imported, before the config is composed):
 
     @dataclass
     class MyOptions:
@@ -31,7 +33,9 @@ Registering a loss (one module; `metric=<name>` then builds it, and its options 
         def __init__(self, level="corpus", width=3): ...
 
 `options` is a dataclass of the loss's own knobs; `from_options` builds the loss from the metric
-config's values of them (override it when the constructor's names differ from the config's).
+config's values of them (override it when the constructor's names differ from the config's). The
+losses of `eval.metrics` are built from the main loss's node: an option of the same name is shared,
+the others take their defaults.
 """
 from __future__ import annotations
 
@@ -42,9 +46,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mleps.choice import Choice
 from mleps.errors import UserError
 
-LEVELS = ("corpus", "sentence")
+
+class Level(Choice):
+    corpus = "corpus"  # one loss pooled over the batch
+    sentence = "sentence"  # the mean of sentence losses
+
+
+LEVELS = tuple(m.value for m in Level)
 
 
 @dataclass
@@ -56,18 +67,27 @@ TASK_LOSSES: dict[str, type["TaskLoss"]] = {}  # metric=<name> -> its class; fil
 
 
 def register_task_loss(cls: type["TaskLoss"]) -> type["TaskLoss"]:
-    """Class decorator: `metric=<cls.name>` (and build_task_loss) builds `cls`. Options that another loss
-    also declares must agree in type and default: each is one `metric.*` key shared by all losses."""
+    """Class decorator: `metric=<cls.name>` (and build_task_loss) builds `cls`, and `cls.options` becomes its
+    own config node (mleps.config.metric_schema). A name is registered once. Options that another loss also
+    declares must agree in type and default: metric=composite holds every loss's options as one namespace."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a name to be registered")
+    known = TASK_LOSSES.get(cls.name)
+    if known is not None and _qualname(known) != _qualname(cls):  # the same class imported again is no clash
+        raise UserError(f"task loss {cls.name!r} is registered twice ({_qualname(known)} and {_qualname(cls)}): "
+                        f"give one of them another name")
     mine = {f.name: f for f in dataclasses.fields(cls.options)}
     for other in TASK_LOSSES.values():
         for f in dataclasses.fields(other.options):
             if f.name in mine and (str(f.type), _default(f)) != (str(mine[f.name].type), _default(mine[f.name])):
-                raise TypeError(f"{cls.__name__}'s option {f.name} differs from {other.__name__}'s: one metric.{f.name}"
-                                f" serves every loss, so give it the same type and default or another name")
+                raise TypeError(f"{cls.__name__}'s option {f.name} differs from {other.__name__}'s: metric=composite "
+                                f"holds both as one metric.{f.name}, so give it the same type and default or another name")
     TASK_LOSSES[cls.name] = cls
     return cls
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _default(f: dataclasses.Field):
@@ -75,7 +95,7 @@ def _default(f: dataclasses.Field):
 
 
 def option_fields() -> list[tuple[str, object, dataclasses.Field]]:
-    """Every registered loss's options, once each, in registration order (mleps.config's MetricConfig)."""
+    """Every registered loss's options, once each, in registration order (metric=composite's node)."""
     seen: dict[str, tuple] = {}
     for cls in TASK_LOSSES.values():
         types = typing.get_type_hints(cls.options)  # real types, also under `from __future__ import annotations`
@@ -87,9 +107,15 @@ def option_fields() -> list[tuple[str, object, dataclasses.Field]]:
 
 class TaskLoss:
     name: str = ""
-    options: type = NoOptions  # a dataclass of this loss's own metric.* knobs (register_task_loss)
+    options: type = NoOptions  # a dataclass of this loss's own metric.* knobs (its config node)
     higher_is_better: bool = False  # of score_from_stats; the loss is always lower-is-better
     num_stats: int = 2  # length of the statistics array (composites split theirs by it)
+
+    @classmethod
+    def config_options(cls) -> type:
+        """The dataclass of this loss's `metric.*` keys (its config node, mleps.config.metric_schema):
+        `options`, unless the loss reads others' (composite's components)."""
+        return cls.options
 
     @classmethod
     def from_options(cls, level: str, options: dict) -> "TaskLoss":

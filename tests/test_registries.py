@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, compose_cfg
 from mleps import families, models
-from mleps.config import MetricConfig
+from mleps.config import metric_schema
 from mleps.errors import UserError
 from mleps.task_loss import TASK_LOSSES, TaskLoss, register_task_loss
 from mleps.trainers import RULES, rule_class
@@ -45,10 +45,15 @@ def test_a_rule_registers_with_its_schema_and_declares_its_needs():
         register_rule(type("Nameless", (MLE,), {"name": ""}))
 
 
-def test_a_loss_with_an_option_brings_its_metric_key():
-    assert {"n", "unit", "score_model", "reduction", "fn", "losses", "weights", "rouge_key",
-            "rouge_tokenizer"} <= set(MetricConfig.__dataclass_fields__)
-    assert OmegaConf.structured(MetricConfig).n == 4
+def test_each_loss_has_its_own_metric_node():
+    repetition = set(metric_schema("repetition").__dataclass_fields__)
+    assert repetition == {"name", "level", "n"} and OmegaConf.structured(metric_schema("repetition")).n == 4
+    assert set(metric_schema("length").__dataclass_fields__) == {"name", "level", "unit", "target"}
+    # composite's components read their options from its node: every loss's options are there
+    assert {"n", "unit", "score_model", "reduction", "fn", "losses", "weights", "rouge_key", "rouge_tokenizer",
+            "target", "word"} <= set(metric_schema("composite").__dataclass_fields__)
+    with pytest.raises(Exception, match="metric.unit"):  # an option of another loss is no key of this one
+        compose_cfg("data_dir=/d", "metric=repetition", "metric.unit=char")
 
     @dataclass
     class ClashingOptions:
@@ -57,6 +62,53 @@ def test_a_loss_with_an_option_brings_its_metric_key():
     with pytest.raises(TypeError, match="metric.n"):
         register_task_loss(type("Clash", (TaskLoss,), {"name": "test_clash", "options": ClashingOptions}))
     assert "test_clash" not in TASK_LOSSES
+
+
+@dataclass
+class WidthOptions:
+    width: int = 3  # test_width: a key no built-in loss has
+
+
+class WidthLoss(TaskLoss):
+    """A loss a user's package registers after mleps is imported: the share of outputs wider than `width`."""
+
+    name, options = "test_width", WidthOptions
+
+    def __init__(self, level="corpus", width=3):
+        super().__init__(level)
+        self.width = width
+
+    def sentence_losses(self, decoded):
+        return [float(len(t.split()) > self.width) for t in decoded.texts]
+
+
+def test_a_loss_registered_after_import_brings_its_own_node():
+    from hydra.core.config_store import ConfigStore
+
+    register_task_loss(WidthLoss)
+    try:
+        cfg = compose_cfg("data_dir=/d", "metric=test_width", "metric.width=7", "metric.level=sentence")
+        assert OmegaConf.get_type(cfg.metric) is metric_schema("test_width")
+        assert (cfg.metric.name, cfg.metric.level, cfg.metric.width) == ("test_width", "sentence", 7)
+        from mleps.metrics_config import metric_from_config
+
+        loss = metric_from_config(cfg.metric)
+        assert isinstance(loss, WidthLoss) and (loss.width, loss.level) == (7, "sentence")
+        assert "width" in metric_schema("composite").__dataclass_fields__  # composite's components may use it
+        register_task_loss(WidthLoss)  # the same class again (a module imported twice) is no clash
+    finally:
+        TASK_LOSSES.pop("test_width")
+        for key in ("test_width.yaml", "test_width_metric_schema.yaml"):
+            ConfigStore.instance().repo["metric"].pop(key, None)
+
+
+def test_a_loss_registered_twice_under_one_name_is_one_error_line():
+    other = type("OtherRepetition", (TaskLoss,), {"name": "repetition"})
+    with pytest.raises(UserError, match=r"^task loss 'repetition' is registered twice \(mleps.losses.repetition.Repetition "
+                                        r"and .*OtherRepetition\): give one of them another name$") as e:
+        register_task_loss(other)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert TASK_LOSSES["repetition"].__name__ == "Repetition"
 
 
 def test_a_model_source_is_checked_at_start_by_its_own_check():

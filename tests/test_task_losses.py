@@ -13,13 +13,13 @@ from omegaconf import OmegaConf
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import MarianConfig, MarianMTModel
 
-from mleps.config import MetricConfig, MRTConfig, PGConfig
+from mleps.config import MRTConfig, PGConfig, metric_schema
 from mleps.decoding import DecodedBatch, decoded_batch
 from mleps.errors import UserError
 from mleps.losses import Custom, EditDistance, LMScore, Repetition, build_task_loss, levenshtein
 from mleps.metrics import SacrebleuPrivate, build_metric
 from mleps.metrics_config import metric_from_config
-from mleps.task_loss import TaskLoss
+from mleps.task_loss import TASK_LOSSES, TaskLoss
 
 START, PAD, EOS = 0, 1, 2
 
@@ -122,10 +122,17 @@ def test_sacrebleu_private_adapter_matches_the_public_api():
         sacrebleu.sentence_chrf(hyps[0], refs[:1]).score)
 
 
+def metric_node(name: str, **options):
+    """metric=<name>'s config node with `options` (a name no loss has: the plain values)."""
+    if name not in TASK_LOSSES:
+        return OmegaConf.create({"name": name, **options})
+    return OmegaConf.merge(OmegaConf.structured(metric_schema(name)), options)
+
+
 def test_composite_is_the_weighted_sum_and_concatenates_statistics():
     d = decode(ROWS, REFS)
-    comp = metric_from_config(OmegaConf.structured(MetricConfig(
-        name="composite", losses=["nontermination", "repetition"], weights=[2, "0.5"], n=2)))
+    comp = metric_from_config(metric_node(name="composite", losses=["nontermination", "repetition"], weights=[2, "0.5"],
+                                          n=2))
     assert comp.loss(d) == pytest.approx(2 * (1 / 3) + 0.5 * (3 / 7))
     assert len(comp.stats(d)) == 4
     halves = comp.stats(d.select([0, 1])) + comp.stats(d.select([2]))
@@ -146,7 +153,7 @@ def test_composite_is_the_weighted_sum_and_concatenates_statistics():
 ])
 def test_bad_options_are_user_errors(options, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
-        metric_from_config(OmegaConf.structured(MetricConfig(**options)))
+        metric_from_config(metric_node(**options))
 
 
 def returns_words(decoded):

@@ -2,7 +2,7 @@
 
 Each loss is one module here (the text metrics BLEU, chrF and ROUGE live in mleps.metrics) that
 follows mleps.task_loss.TaskLoss and registers itself with `@register_task_loss`; its options
-dataclass becomes `metric.*` keys (mleps.config builds MetricConfig from them). docs/metrics.md
+dataclass becomes the `metric.*` keys of its own config node (mleps.config.metric_schema). docs/metrics.md
 lists statistics, levels and ranges.
 
   repetition      seq-rep-n on generated token ids: 1 - |distinct n-grams| / |n-grams| of an output;
@@ -18,7 +18,8 @@ lists statistics, levels and ranges.
   composite       Σ_i w_i loss_i, statistics concatenated
 
 Adding one: a module in this folder (imported below by discovery) or anywhere the user imports it
-before building, plus mleps/conf/metric/<name>.yaml for the CLI.
+before the config is composed; mleps/conf/metric/<name>.yaml (defaults: [<name>_metric_schema]) adds a
+commented preset, and without one `metric=<name>` is the schema's own defaults.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def loss_names() -> tuple[str, ...]:
 
 def build_task_loss(name: str, level: str = "corpus", **options) -> TaskLoss:
     """Any registered task loss by name, with the metric config's options (those it does not declare are
-    ignored: one metric.* namespace serves every loss). Bad names and options raise ValueError
+    ignored: eval.metrics and composite's components share the main loss's node). Bad names and options raise ValueError
     (UserError for custom/lm)."""
     key = str(name).lower()
     if key not in TASK_LOSSES:

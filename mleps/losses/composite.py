@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, List
 
 import numpy as np
 
-from mleps.task_loss import TaskLoss, register_task_loss
+from mleps.task_loss import TaskLoss, option_fields, register_task_loss
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Composite(TaskLoss):
         super().__init__(level)
         self.components, self.weights = components, weights
         self.num_stats = sum(c.num_stats for c in components)
+
+    @classmethod
+    def config_options(cls) -> type:
+        """Every registered loss's options besides its own: `metric.n` etc. configure the components."""
+        return make_dataclass("CompositeConfigOptions", option_fields())
 
     @classmethod
     def from_options(cls, level: str, options: dict) -> "Composite":

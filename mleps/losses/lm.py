@@ -9,17 +9,23 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mleps.choice import Choice
 from mleps.errors import UserError
 from mleps.task_loss import TaskLoss, register_task_loss
 
 
-REDUCTIONS = ("mean", "sum")
+class Reduction(Choice):
+    mean = "mean"  # NLL per token
+    sum = "sum"  # NLL of the whole sequence (MGS-LM)
+
+
+REDUCTIONS = tuple(m.value for m in Reduction)
 
 
 @dataclass
 class LMOptions:
     score_model: Optional[str] = None  # lm: a checkpoint folder; null = a frozen copy of the model at the start
-    reduction: str = "mean"  # lm: mean (NLL per token) | sum (NLL of the whole sequence, MGS-LM's loss)
+    reduction: Reduction = Reduction.mean  # lm: mean (NLL per token) | sum (NLL of the whole sequence, MGS-LM's loss)
 
 
 @register_task_loss

@@ -3,12 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-UNITS = ("word", "char")
+from mleps.choice import Choice
+
+
+class Unit(Choice):
+    word = "word"  # whitespace-split
+    char = "char"
+
+
+UNITS = tuple(m.value for m in Unit)
 
 
 @dataclass
 class UnitOptions:
-    unit: str = "word"  # edit, length: word | char
+    unit: Unit = Unit.word  # edit, length: word | char
 
 
 def _units(text: str, unit: str):
