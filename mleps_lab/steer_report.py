@@ -63,7 +63,9 @@ def summarise(results: list[dict]) -> dict:
                 "val_equal_time": [at_time(r["curve"], equal_s[r["seed"]])["loss"] for r in mine],
                 "val_bleu_equal_steps": [r["curve"][-1]["bleu"] for r in mine],
                 "test_loss": [r["test_loss"] for r in mine],
-                "test_bleu": [r["test"].get("bleu", r["test"].get("scores", {}).get("bleu")) for r in mine],
+                "test_bleu": [r["test_bleu"] for r in mine],
+                "test_bleu_no_bp": [r["test_bleu_no_bp"] for r in mine],
+                "test_loss_corpus": [r["test_loss_corpus"] for r in mine],
                 "train_s": [r["train_s"] for r in mine],
                 "diagnostics": {k: float(np.mean([r["diagnostics"][k] for r in mine if k in r["diagnostics"]]))
                                 for k in sorted({k for r in mine for k in r["diagnostics"]})},
@@ -101,21 +103,25 @@ def markdown(summary: dict, command: str, budget) -> str:
              f"Budget: {budget.steps} steps per arm from one MLE base, validation every {budget.eval_every} steps; "
              f"options `{' '.join(budget.common)}`; test: `{' '.join(budget.test)}` (greedy). "
              "Loss: lower is better. Equal time: each arm's last validation within the cheapest arm's training "
-             "seconds (same seed). Steering ratio: (MGS-blind − arm) / (MGS-blind − best arm), validation, equal time. "
+             "seconds (same seed). Validation reports each loss's corpus form (the loop's rule); test reports the form the "
+             "rules trained on and the corpus form. Steering ratio: (MGS-blind − arm) / (MGS-blind − best arm), "
+             "validation, equal time. BLEU / BP: BLEU without its brevity penalty (a 0.7 length target costs 0.65x "
+             "through the penalty alone). "
              "p: paired bootstrap over test sentences, one-sided, that the arm is not below the other (per seed).", ""]
     for control, block in summary.items():
         lines += [f"## {control}", "",
-                  "| arm | val start | val @ equal steps | val @ equal time | steering ratio | test loss | test BLEU "
-                  "| train s | ESS share | loss spread std |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arm | val start | val @ equal steps | val @ equal time | steering ratio | test loss | test loss, "
+                  "corpus form | test BLEU | test BLEU / BP | train s | ESS share | guided weight |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, t in block["arms"].items():
             d = t["diagnostics"]
             ratio = t.get("steering_ratio")
             lines.append(f"| {ARM_LABELS.get(arm, arm)} | {t['start_val']:.3f} | {fmt(t['val_equal_steps'])} | "
                          f"{fmt(t['val_equal_time'])} | {'–' if ratio is None else f'{ratio:.2f}'} | "
-                         f"{fmt(t['test_loss'])} | {fmt(t['test_bleu'], 2)} | {fmt(t['train_s'], 0)} | "
-                         f"{fmt([d['ess_share']]) if 'ess_share' in d else '–'} | "
-                         f"{fmt([d['loss_spread_std']], 4) if 'loss_spread_std' in d else '–'} |")
+                         f"{fmt(t['test_loss'])} | {fmt(t['test_loss_corpus'])} | {fmt(t['test_bleu'], 2)} | "
+                         f"{fmt(t['test_bleu_no_bp'], 2)} | {fmt(t['train_s'], 0)} | "
+                         f"{fmt([d['ess_share']], 2) if 'ess_share' in d else '–'} | "
+                         f"{fmt([d['guided_weight']], 2) if 'guided_weight' in d else '–'} |")
         lines.append("")
         for arm, t in block["arms"].items():
             for other, cmp in t.get("vs", {}).items():

@@ -15,7 +15,8 @@ def result(arm, seed, losses, seconds, test_rows):
     curve = [{"step": 4 * i, "train_s": s, "loss": l, "bleu": 10.0} for i, (l, s) in enumerate(zip(losses, seconds))]
     rows = np.array(test_rows, dtype=float)
     return {"control": "length", "arm": arm, "seed": seed, "curve": curve, "train_s": seconds[-1], "diagnostics": {},
-            "test_loss": float(rows[:, 0].sum() / rows[:, 1].sum()), "test_rows": rows.tolist(), "test": {"bleu": 10.0}}
+            "test_loss": float(rows[:, 0].sum() / rows[:, 1].sum()), "test_rows": rows.tolist(),
+            "test_loss_corpus": 0.0, "test_bleu": 10.0, "test_bleu_no_bp": 12.0}
 
 
 def test_equal_time_takes_the_last_evaluation_within_the_cheapest_arms_seconds():
