@@ -173,7 +173,10 @@ def _check_same_config(cfg, run_dir: Path) -> None:
         raise UserError(f"cannot resume: {path} is unreadable ({type(e).__name__})") from None
     now = flat_config(cfg)
     changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE and saved.get(k) != now.get(k)
-               and not (k not in saved and now[k] == _schema_default(cfg, k))]
+               and not (k not in saved and now[k] == _schema_default(cfg, k))
+               # runs saved when every task loss's options shared one metric node kept the other losses' keys:
+               # an option the run's own task loss does not have cannot have changed what it computed
+               and not (k.startswith("metric.") and k not in now)]
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

@@ -158,3 +158,20 @@ def test_layering_the_library_never_imports_the_lab_nor_losses_a_rule():
     for path in (REPO / "mleps" / "trainers").glob("*.py"):
         assert not any(m in ("mleps.config", "mleps.loop") for m in imports_of(path)), path
     assert "mleps.loop" not in imports_of(REPO / "mleps" / "evaluate.py")
+
+
+def test_a_run_saved_with_every_loss_s_options_in_one_metric_node_still_resumes(base_cfg, tmp_path):
+    """Before each task loss had its own config node, config.yaml held every loss's metric.* keys."""
+    from omegaconf import OmegaConf
+
+    from mleps.errors import UserError
+    from mleps.rundir import _check_same_config
+
+    saved = OmegaConf.to_container(base_cfg, resolve=True)
+    saved["metric"].update({"n": 4, "reduction": "mean", "rouge_key": "rougeL", "unit": "word", "losses": []})
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
+    _check_same_config(base_cfg, tmp_path)  # the other losses' keys are not a change
+    saved["metric"]["name"] = "chrf"  # the run's own task loss is
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
+    with pytest.raises(UserError, match="metric.name"):
+        _check_same_config(base_cfg, tmp_path)
