@@ -14,7 +14,7 @@ task loss that token cross-entropy is blind to (or pulls against), and the contr
 Arms: continued MLE, PG, GRPO, MRT, MGS as shipped (trainer=mgs) and its blind twin (the same samples,
 trainer.weighting=uniform), MGS with the task-aware guide (trainer=mgs_steer) and its blind twin.
 The steering ratio of an arm is (MGS-blind's loss - the arm's) / (MGS-blind's loss - the best arm's),
-on validation at equal time (each arm's last evaluation within the cheapest arm's training seconds).
+on validation at equal time (each arm's last evaluation within PG's training seconds, same seed).
 
 Every run is a real `python -m mleps.train` / `python -m mleps.evaluate`; each finished run leaves
 result.json in its folder, so a cut-off benchmark resumes where it stopped.

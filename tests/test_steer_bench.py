@@ -19,7 +19,7 @@ def result(arm, seed, losses, seconds, test_rows):
             "test_loss_corpus": 0.0, "test_bleu": 10.0, "test_bleu_no_bp": 12.0}
 
 
-def test_equal_time_takes_the_last_evaluation_within_the_cheapest_arms_seconds():
+def test_equal_time_takes_the_last_evaluation_within_the_given_seconds():
     curve = [{"train_s": 0.0, "loss": 0.6}, {"train_s": 10.0, "loss": 0.4}, {"train_s": 20.0, "loss": 0.1}]
     assert at_time(curve, 15.0)["loss"] == 0.4
     assert at_time(curve, 20.0)["loss"] == 0.1
@@ -31,13 +31,15 @@ def test_steering_ratio_and_paired_comparison():
     good = [[0.1, 1.0]] * n  # sentence-level statistics: [loss, count] per test row
     bad = [[0.5, 1.0]] * n
     results = [result("mgs_blind", 0, [0.6, 0.6, 0.6], [0, 10, 20], bad),
-               result("pg", 0, [0.6, 0.3, 0.0], [0, 5, 10], good),  # the cheapest: equal time is 10 s
+               result("pg", 0, [0.6, 0.3, 0.0], [0, 5, 10], good),  # equal time is PG's 10 s
                result("mgs_steer", 0, [0.6, 0.3, 0.2], [0, 10, 20], good),
-               result("mgs_steer_blind", 0, [0.6, 0.5, 0.45], [0, 10, 20], bad)]
+               result("mgs_steer_blind", 0, [0.6, 0.5, 0.45], [0, 10, 20], bad),
+               result("mle", 0, [0.6, 0.55, 0.5], [0, 1, 2], bad)]  # done sooner: read at its end
     arms = summarise(results)["length"]["arms"]
     assert arms["pg"]["steering_ratio"] == pytest.approx(1.0)  # the best arm at equal time
     assert arms["mgs_steer"]["steering_ratio"] == pytest.approx((0.6 - 0.3) / 0.6)
     assert arms["mgs_blind"]["steering_ratio"] == pytest.approx(0.0)
+    assert arms["mle"]["val_equal_time"] == [0.5]
     versus = arms["mgs_steer"]["vs"]["mgs_steer_blind"]
     assert versus["test_delta"] == [pytest.approx(-0.4)] and versus["p"][0] < 0.01
     assert arms["mgs_steer"]["vs"]["pg"]["p"][0] > 0.5  # equal test rows: not ahead
