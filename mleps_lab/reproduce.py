@@ -144,6 +144,25 @@ TASKS = {
         arm_overrides=PAPER_ARMS, limits=(50, 100, 200, 500), score_with_base=True),
 }
 
+# The paper's completion experiment on a real pretrained model (issue 37): SmolLM2-135M (model=smollm2,
+# docs/models.md) where the paper fine-tunes GPT-2 small, on AESLC paragraphs (data.sequences=paragraphs: each
+# non-empty line of an email one sequence ending in EOS), a LoRA adapter trained from the MLE base. MGS-LM is
+# the reference's proposal on the summed NLL under the frozen base (metric=lm metric.reduction=sum), MGS-blind
+# its uniform-weight twin, MGS-steer the task-aware guide (trainer=mgs_steer) on the same loss. The model and
+# its size are each budget's (`common`: model=smollm2, or the tiny budget's random tiny Llama).
+COMPLETION_REAL = ["data=completion", "data.sequences=paragraphs", "metric=lm", "metric.reduction=sum",
+                   "eval.metrics=[seq_rep,repetition,nontermination]"]
+POPULATION = ["trainer.decode_population=batched"]  # the MGS rules: the K+1 parameter sets in one generate
+REAL_ARMS = {
+    "mgs": ["trainer=mgs_paper", *POPULATION],
+    "mgs_blind": ["trainer=mgs_paper", "trainer.weighting=uniform", *POPULATION],
+    "mgs_steer": ["trainer=mgs_steer", *POPULATION],
+}
+TASKS["completion_real"] = dataclasses.replace(
+    TASKS["completion_paper"], name="completion_real", overrides=COMPLETION_REAL,
+    arms=["mle", "pg", "grpo", "mrt", "mgs", "mgs_blind", "mgs_steer"], arm_overrides=REAL_ARMS,
+    limits=(50, 100, 200, 500))
+
 
 @dataclass
 class Budget:
@@ -162,6 +181,9 @@ class Budget:
     evaluations_per_arm: int = 4
     limits: tuple | None = None  # stage limits' decode limits (None: the task's)
     notes: str = ""
+    # called with the run folder before the stages: writes what the runs need there (the tiny budget of
+    # completion_real: its tiny Llama) and returns overrides added to every run's `common`
+    prepare: Callable[[Path], list[str]] | None = None
 
 
 # The converged base that fits the CPU budget: on all 29,000 pairs tiny_marian is still improving after
@@ -247,6 +269,62 @@ BUDGETS[("completion_paper", "tiny")] = Budget(
        "sampling": ["trainer.max_new_tokens=24", "trainer.max_length_ratio=1.3"], "limits": (8, 16, 24)},
     notes="the tests' tiny model, 32 emails per split")
 
+# completion_real. Step costs measured on this CPU (docs/results/smollm2-sizing.json, one torch thread, load
+# 6-13): one MGS step at batch 8, K = 4, 32-token training decodes 162 s (whole model, sequential population
+# decoding: an upper bound for LoRA with batched decoding), one PG step 50 s, greedy decoding 0.45 s per step
+# at batch 8. docs/completion.md ("The experiment on SmolLM2-135M") adds them up for each budget.
+REAL_MODEL = ["model=smollm2", "model.peft=lora"]
+BUDGETS[("completion_real", "cpu")] = Budget(
+    # documented with its expected time, not run here: the smallest budget that still compares the arms on
+    # test outputs from a base that has seen the paragraphs (3 MGS steps per arm and seed)
+    "cpu", train_s=480, arm_eval_examples=32, beams=(1,), lrs=(1e-4, 1e-3), seeds=(0, 1), evaluations_per_arm=2,
+    calibration_steps=2, calibration_rounds=1, limits=(32, 100),
+    base=["trainer.max_steps=400", "trainer.eval_every=50", "trainer.save_every=50", "trainer.patience=2",
+          "trainer.max_train_s=1200", "data.max_eval_examples=64"],
+    common=[*REAL_MODEL, "data.max_sequence_tokens=128", "trainer.batch_size=8", "decode.max_new_tokens=32"],
+    sampling=["trainer.max_new_tokens=32", "trainer.max_length_ratio=1.3"],
+    evaluate=["decode.max_new_tokens=32", "data.max_eval_examples=100"],
+    notes=NOTES["completion_real/cpu"])
+BUDGETS[("completion_real", "gpu")] = Budget(
+    # the paper's setting as far as it maps (documented, not run here: no GPU was lent): 500-token test
+    # decodes, training decodes to 1.3 x the longest reference (at most 1,000), 1,024-token batches, 2 hours
+    # per arm (thousands of MGS steps at <= 3.6 s each), 5 seeds, continued MLE's lr searched on validation
+    "gpu", train_s=7200, arm_eval_examples=250, beams=(1,), lrs=(3e-5, 1e-4, 3e-4, 1e-3), seeds=(0, 1, 2, 3, 4),
+    evaluations_per_arm=10, calibration_steps=20, calibration_rounds=2,
+    base=["trainer.max_steps=20000", "trainer.eval_every=500", "trainer.save_every=500", "trainer.patience=5",
+          "trainer.max_train_s=7200", "data.max_eval_examples=250"],
+    common=[*REAL_MODEL, "trainer.batch_tokens=1024", "decode.max_new_tokens=500"],
+    sampling=["trainer.max_new_tokens=1000", "trainer.max_length_ratio=1.3"],
+    evaluate=["decode.max_new_tokens=500", "data.max_eval_examples=null"],
+    notes=NOTES["completion_real/gpu"])
+
+
+def tiny_llama_overrides(out: Path) -> list[str]:
+    """The tiny budget's model: a random tiny Llama (SmolLM2's module types) written once into the run folder."""
+    from mleps_lab.tiny_llama import write_tiny_llama
+
+    data = Path(os.environ.get("MLEPS_DATA_DIR") or ROOT / "data")
+    data = data if data.is_absolute() else ROOT / data
+    if not (data / "aeslc" / "train.jsonl").is_file():
+        raise UserError(f"{data / 'aeslc' / 'train.jsonl'} not found: run `make data` or set MLEPS_DATA_DIR")
+    return ["model=hf", f"model.name_or_path={write_tiny_llama(out / 'tiny_llama', data / 'aeslc' / 'train.jsonl')}",
+            "model.peft=lora"]
+
+
+BUDGETS[("completion_real", "tiny")] = Budget(
+    # lr 1e-2 everywhere: at presets' rates a random model's zero-initialised adapter moves no greedy output
+    "tiny", train_s=1.0, base=["trainer.max_steps=4", "trainer.eval_every=4", "trainer.save_every=4",
+                               "trainer.lr=1e-2", "data.max_eval_examples=16"],
+    arm_eval_examples=16, beams=(1,), lrs=(1e-2,), seeds=(0,), calibration_steps=2, calibration_rounds=1,
+    evaluations_per_arm=2, limits=(8, 16),
+    common=["cpu=true", "trainer.batch_size=8", "data.max_train_examples=32", "data.max_sequence_tokens=60",
+            "decode.max_new_tokens=16"],
+    sampling=["trainer.max_new_tokens=16", "trainer.max_length_ratio=1.3", "trainer.lr=1e-2"],
+    evaluate=["data.max_eval_examples=16", "decode.max_new_tokens=16"],
+    prepare=tiny_llama_overrides,
+    notes="a random tiny Llama (2 layers, 32 wide, SmolLM2's module types) with a 300-token BPE, LoRA, 32 "
+          "training paragraphs, 16 per evaluation: exercises the pipeline only")
+
 # Documented, not run here (GPU scale): the paper's setting.
 PAPER = """\
 `--budget paper` (documented, not run on this machine; needs a GPU and the internet):
@@ -275,7 +353,24 @@ PAPER_COMPLETION = """\
   report   seq-rep-4 per continuation and pooled, non-termination, mean length, the references'
            perplexity, the task loss (Welleck & Cho 2021, Table 1)
 Run it with this driver's completion_paper stages by putting those overrides in the budget."""
-PAPERS = {"mt": PAPER, "completion": PAPER_COMPLETION, "completion_paper": PAPER_COMPLETION}
+PAPER_COMPLETION_REAL = """\
+`completion_real --budget paper`: the GPU budget of the experiment on SmolLM2-135M (documented, NOT run in
+this project: no GPU was lent to the session that wrote it). On one GPU, offline once prepared:
+  python scripts/prepare_smollm2.py                       # once: the model=smollm2 folder (docs/models.md)
+  python scripts/reproduce.py completion_real --budget gpu --jobs 2
+resumable in runs of any length (a killed driver resumes at its first unfinished run). Its budget
+(BUDGETS[("completion_real", "gpu")] in mleps_lab/reproduce.py):
+  data     AESLC paragraphs (data.sequences=paragraphs), 1,024-token length-sorted batches
+  model    model=smollm2 model.peft=lora; the base: LoRA MLE to its validation cross-entropy optimum
+           (eval every 500 steps, patience 5, at most 20,000 steps or 2 hours)
+  arms     MGS-LM (trainer=mgs_paper), MGS-blind (weighting=uniform), MGS-steer (trainer=mgs_steer), PG-LM,
+           GRPO-LM, MRT-LM on metric=lm metric.reduction=sum (the frozen base's summed NLL), continued MLE at
+           the lr chosen on validation among 3e-5, 1e-4, 3e-4, 1e-3; 2 hours per arm (equal time) and MGS's
+           step count (equal steps), 5 seeds, 10 validations of 250 paragraphs per arm
+  test     greedy to 500 new tokens on every test paragraph; the base against 50/100/200/500 on validation
+Expected cost: docs/completion.md ("The experiment on SmolLM2-135M")."""
+PAPERS = {"mt": PAPER, "completion": PAPER_COMPLETION, "completion_paper": PAPER_COMPLETION,
+          "completion_real": PAPER_COMPLETION_REAL}
 
 
 class RunFailed(UserError):
@@ -735,6 +830,9 @@ class Reproduction:
         if until is not None and until not in names:
             raise UserError(f"--until {until}: use one of {', '.join(names)}")
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.budget.prepare is not None:  # once per driver: the budget's files and their overrides
+            self.budget = dataclasses.replace(self.budget, common=[*self.budget.common, *self.budget.prepare(self.out)],
+                                              prepare=None)
         commands, seconds = {}, self.stage_seconds()
         for name, make in self.stages():
             jobs = make()
@@ -761,6 +859,7 @@ USAGE = """Reproduce the paper's comparisons in one resumable command.
     python scripts/reproduce.py summarization           # AESLC, ROUGE-L, a smaller budget
     python scripts/reproduce.py scratch                 # MLE, PG and MGS from random weights
     python scripts/reproduce.py completion_paper        # the paper's completion setting: MGS-LM, 500-token decodes
+    python scripts/reproduce.py completion_real         # the same on SmolLM2-135M (LoRA); --budget gpu|tiny, paper: its GPU command
 
 Killed, it resumes at the first unfinished run when called again with the same arguments.
 Stages and design: mleps_lab/reproduce.py. Writes docs/results/<task>.md (e.g. docs/results/mt.md),
@@ -771,8 +870,9 @@ plots in docs/results/img/ and the numbers in docs/results/<task>.json + .csv.
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=USAGE, epilog=PAPER, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=list(TASKS))
-    p.add_argument("--budget", default="cpu", choices=["cpu", "tiny", "long", "paper"],
-                   help="long: completion_paper only, fewer arms for longer (with --arms and --base)")
+    p.add_argument("--budget", default="cpu", choices=["cpu", "tiny", "long", "gpu", "paper"],
+                   help="long: completion_paper only, fewer arms for longer (with --arms and --base); "
+                        "gpu: completion_real only, needs a CUDA device")
     p.add_argument("--out", help="run folder (default runs/reproduce/<task>)")
     p.add_argument("--seeds", type=int, nargs="+", help="arm seeds (default: the budget's, 0 1 2 for mt)")
     p.add_argument("--base", help="a checkpoint folder to start the arms from (skips the base stage)")
@@ -803,6 +903,12 @@ def main(argv=None) -> None:
             raise UserError(f"--budget paper is documented for {' and '.join(PAPERS)} only")
         print(PAPERS[args.task])
         return
+    if args.budget == "gpu" and (args.task, "gpu") in BUDGETS:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--budget gpu needs a CUDA device and none is visible: `scripts/reproduce.py {args.task} "
+                            f"--budget paper` prints what it runs; --budget cpu or tiny run here")
     out = Path(args.out or f"runs/reproduce/{args.task}")
     md = Path(args.results_md or ROOT / "docs" / "results" / f"{args.task}.md")
     json_path = Path(args.json or ROOT / "docs" / "results" / f"{args.task}.json")

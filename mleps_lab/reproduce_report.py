@@ -251,14 +251,18 @@ def collect(repro, commands: dict) -> dict:
         results["examples"] = side_by_side(repro, rows)
     if task.limits or repro.budget.limits:
         results["limits"] = {str(limit): json.loads(repro.limit_file(limit).read_text()) for limit in repro.limits()}
-    if task.name == "completion_paper":
+    if task.name in PAPER_SETTING:
         results["paired"] = paired_tests(rows, baselines=("mle", "mgs_blind", "pg", "grpo"))
     results["verdict"] = task_verdict(results)
     return results
 
 
+# The paper's completion setting: on tiny_gpt2 (completion_paper) and on SmolLM2-135M (completion_real)
+PAPER_SETTING = ("completion_paper", "completion_real")
+
+
 def task_verdict(results: dict) -> list[str]:
-    if results["task"] == "completion_paper":
+    if results["task"] in PAPER_SETTING:
         return completion_paper_verdict(results)
     return completion_verdict(results) if results["task"] == "completion" else verdict(results)
 
@@ -435,7 +439,7 @@ def completion_paper_verdict(results: dict) -> list[str]:
     if base is None:
         return []
     names = {"mle": "continued MLE", "mgs_blind": "MGS-blind", "mgs_default": "MGS-LM (default proposal)",
-             "pg": "PG-LM", "grpo": "GRPO-LM", "mrt": "MRT-LM"}
+             "pg": "PG-LM", "grpo": "GRPO-LM", "mrt": "MRT-LM", "mgs_steer": "MGS-steer"}
     degenerate = base["nontermination"] >= 0.10 or base["seq_rep"] >= 0.30
     sentences = [f"The MLE base {'degenerates' if degenerate else 'does not degenerate'} at the test decode limit: "
                  f"non-termination {base['nontermination']:.3f} (bar >= 0.10), seq-rep-4 per continuation "
@@ -476,6 +480,7 @@ def completion_paper_verdict(results: dict) -> list[str]:
         # (--arm, e.g. grpo_nokl='trainer=grpo trainer.kl_coef=0'): what taking X out of GRPO changes.
         variants = sorted({p.split(" vs ")[0] for s in seeds.values() for p in s if p.startswith("grpo_")})
         comparisons = [("grpo", "GRPO-LM", other) for other in ("pg", "mle")]
+        comparisons += [("mgs_steer", "MGS-steer", other) for other in ("mgs_blind", "mle")]  # completion_real
         comparisons += [(v, v, other) for v in variants for other in ("grpo", "pg")]
         for arm, label, other in comparisons:
             for key, what, digits_ in (("task_loss", "task loss (summed NLL)", 2), ("seq_rep", "seq-rep-4", 3),
@@ -548,7 +553,8 @@ ARM_NAMES = {"mle": "MLE, continued", "pg": "PG", "grpo": "GRPO", "mrt": "MRT", 
 
 
 PAPER_ARM_NAMES = {"mgs": "MGS-LM (paper's proposal)", "mgs_blind": "MGS-LM-blind (uniform weights)",
-                   "mgs_default": "MGS-LM (default proposal)", "pg": "PG-LM", "grpo": "GRPO-LM", "mrt": "MRT-LM"}
+                   "mgs_default": "MGS-LM (default proposal)", "pg": "PG-LM", "grpo": "GRPO-LM", "mrt": "MRT-LM",
+                   "mgs_steer": "MGS-steer (task-aware guide)"}
 
 
 def arm_names(results: dict) -> dict[str, str]:
@@ -556,7 +562,7 @@ def arm_names(results: dict) -> dict[str, str]:
     sampling arm on the LM loss."""
     if results.get("from_scratch"):
         return {**ARM_NAMES, "mle": "MLE from scratch"}
-    return {**ARM_NAMES, **PAPER_ARM_NAMES} if results.get("task") == "completion_paper" else ARM_NAMES
+    return {**ARM_NAMES, **PAPER_ARM_NAMES} if results.get("task") in PAPER_SETTING else ARM_NAMES
 
 
 def label_of_arm(results: dict, arm: str) -> str:
