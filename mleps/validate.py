@@ -150,8 +150,10 @@ def check_tokenizer_files(path: str, key: str) -> None:
     from mleps.data import data_path
 
     folder = data_path(path)
-    weights = folder.is_dir() and ((folder / "config.json").is_file() or any(folder.glob("*.safetensors")))
-    if weights and not any((folder / name).is_file() for name in TOKENIZER_FILES):  # no weights: the loader says so
+    # only a folder with complete model files: without them the loader's message (no model files) is the one to give
+    weights = folder.is_dir() and (folder / "config.json").is_file() and (
+        any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file())
+    if weights and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{key}={path}: {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:2])}, "
                         f"...): copy them from the run or model the weights came from, or name a complete checkpoint")
 
