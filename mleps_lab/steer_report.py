@@ -100,9 +100,9 @@ def fmt(values, digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
-def markdown(summary: dict, command: str, budget) -> str:
+def markdown(summary: dict, command: str, budget, setup: str = "") -> str:
     lines = ["# The steering benchmark: task losses cross-entropy cannot see", "",
-             f"Command: `{command}`", "",
+             f"Command: `{command}`", "", *([setup, ""] if setup else []),
              f"Budget: {budget.steps} steps per arm from one MLE base, validation every {budget.eval_every} steps; "
              f"options `{' '.join(budget.common)}`; test: `{' '.join(budget.test)}` (greedy). "
              "Loss: lower is better. Equal time: each arm's last validation within PG's training seconds (same "
@@ -162,11 +162,12 @@ def plot(results: list[dict], control: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[dict], report: Path, command: str, budget) -> None:
+def write_report(results: list[dict], report: Path, command: str, budget, setup: str = "") -> None:
     summary = summarise(results)
     slim = [{k: v for k, v in r.items() if k != "test_rows"} for r in results]
-    write_json_atomic(report.with_suffix(".json"), {"command": command, "summary": summary, "runs": slim})
-    md = markdown(summary, command, budget)
+    write_json_atomic(report.with_suffix(".json"), {"command": command, "setup": setup, "summary": summary,
+                                                    "runs": slim})
+    md = markdown(summary, command, budget, setup)
     for control in summary:
         img = report.parent / "img" / f"{report.name}-{control}.png"
         plot(results, control, img)
@@ -181,6 +182,7 @@ def main(argv=None) -> None:
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
     p.add_argument("--command", default="")
+    p.add_argument("--setup", default="", help="a paragraph on the base and the machine, printed under the command")
     args = p.parse_args(argv)
     from mleps_lab.steer import summarise_run
     results = []
@@ -189,7 +191,7 @@ def main(argv=None) -> None:
         r.update(summarise_run(path.parent, r["control"], path.parent / "test-predictions.txt"))
         results.append(r)
     write_report(results, args.report, args.command or f"python -m mleps_lab.steer_report --out {args.out}",
-                 BUDGETS[args.budget])
+                 BUDGETS[args.budget], args.setup)
 
 
 if __name__ == "__main__":
