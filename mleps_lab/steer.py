@@ -61,6 +61,8 @@ ARMS = {  # in the order they run: the arms the bar compares first
     "grpo": ("trainer=grpo",),
     "mgs": ("trainer=mgs", "trainer.warm_start_steps=0"),
     "mrt": ("trainer=mrt",),
+    # a lever screened after the preset was fixed: the guide leaves out rows whose greedy output is already best
+    "mgs_steer_improved": ("trainer=mgs_steer", "trainer.guide_rows=improved"),
 }
 BLIND_OF = {"mgs": "mgs_blind", "mgs_steer": "mgs_steer_blind"}
 REFERENCE_BLIND = "mgs_blind"  # the steering ratio's zero: the shipped rule with its weights switched off

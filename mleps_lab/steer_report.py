@@ -17,7 +17,8 @@ from mleps_lab.runs import write_json_atomic
 
 ARM_LABELS = {"mle": "continued MLE", "pg": "PG", "grpo": "GRPO", "mrt": "MRT", "mgs": "MGS (shipped)",
               "mgs_blind": "MGS-blind (shipped, uniform weights)", "mgs_steer": "MGS-steer",
-              "mgs_steer_blind": "MGS-steer-blind (uniform weights)"}
+              "mgs_steer_blind": "MGS-steer-blind (uniform weights)",
+              "mgs_steer_improved": "MGS-steer, guide_rows=improved (screened after)"}
 
 
 def control_loss(control: str):
@@ -80,6 +81,7 @@ def summarise(results: list[dict]) -> dict:
                 gap = blind - best
                 t["steering_ratio"] = float((blind - np.mean(t["val_equal_time"])) / gap) if gap > 0 else None
         for arm, blind_arm in (("mgs", "mgs_blind"), ("mgs_steer", "mgs_steer_blind"), ("mgs_steer", "mgs_blind"),
+                               ("mgs_steer_improved", "mgs_steer_blind"),
                                ("mgs_steer", "pg"), ("mgs_steer", "grpo")):
             if arm in table and blind_arm in table:
                 pairs = [(by[arm, s], by[blind_arm, s]) for s in seeds if (arm, s) in by and (blind_arm, s) in by]

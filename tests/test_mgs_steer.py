@@ -85,9 +85,10 @@ def test_best_sample_targets_lower_the_batch_loss_exactly_as_tracked(warm):
     model, tokenizer, batch = warm
     rule = mgs_rule(model, tokenizer, guide_target="best_sample", guide_samples=4, guide_sample_temperature=1.5)
     rule.metric = build_task_loss("length", "corpus", target=0.5)
-    targets, lengths, log = rule._best_targets(batch, step=0, index=0)
+    targets, lengths, log, swapped = rule._best_targets(batch, step=0, index=0)
     assert log["guide_batch_loss_after"] <= log["guide_batch_loss_before"]
     assert log["guide_rows_swapped"] > 0  # sampled outputs of other lengths exist and some help
+    assert sum(swapped) / len(swapped) == log["guide_rows_swapped"]
     # the tracked loss is the loss of the chosen rows scored together (additive statistics)
     from mleps.decoding import decoded_batch
     chosen = decoded_batch(targets, tokenizer, rule.eos, batch["references"], batch=batch, lengths=lengths)
@@ -111,5 +112,24 @@ def test_best_sample_guide_steps_and_is_deterministic(warm):
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert any(float(g.abs().sum()) > 0 for g in grads[0])
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+
+
+def test_improved_rows_only_leaves_the_unimproved_rows_out_of_the_guide(warm):
+    model, tokenizer, batch = warm
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {}
+    for rows in ("all", "improved"):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        rule = mgs_rule(model, tokenizer, guide_target="best_sample", guide_rows=rows, guide_sample_temperature=1.5)
+        rule.metric = build_task_loss("length", "corpus", target=0.5)
+        from mleps.trainers.base import Shard
+        objective = rule._best_sample_objective(batch, Shard(), step=0)
+        _, _, log, swapped = rule._best_targets(batch, step=0, index=0)
+        grads[rows] = (float(objective), sum(swapped))
+    assert 0 < grads["improved"][1] < len(batch["references"])  # some rows improved, some not
+    assert 0 < grads["improved"][0] < grads["all"][0]  # fewer rows' NLL in the objective
     model.load_state_dict(state)
     model.zero_grad(set_to_none=True)

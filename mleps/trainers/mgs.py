@@ -110,6 +110,11 @@ class GuideParams(Choice):
     perturbed = "perturbed"  # only the searched tensors move
 
 
+class GuideRows(Choice):
+    all = "all"  # every row's best output, its greedy one included (sharpens what already scores best)
+    improved = "improved"  # only the rows where a sample beats the greedy output
+
+
 class GuideTarget(Choice):
     reference = "reference"  # cross-entropy on the references
     best_sample = "best_sample"  # on each row's best output (see _best_targets)
@@ -142,6 +147,7 @@ class MGSConfig(SearchKnobs, TrainerConfig):
     # What the guide g is the gradient of (docs/mgs.md, "A guide that knows the task loss").
     guide_target: GuideTarget = GuideTarget.reference  # reference: cross-entropy on the references | best_sample
     guide_samples: int = 4  # best_sample: outputs sampled per source beside its greedy output
+    guide_rows: GuideRows = GuideRows.all  # best_sample: all rows, or only those a sample improved
     guide_sample_temperature: float = 1.0
     guide_mle_mix: float = 0.0  # best_sample: + this x the references' token cross-entropy in g
 
@@ -358,11 +364,14 @@ class MGS(UpdateRule):
     def _best_sample_objective(self, batch: dict, shard: Shard, step: int) -> torch.Tensor:
         """The NLL of _best_targets' outputs, as this micro-batch's share of the global per-source mean (a
         sequence's NLL summed over its tokens, as PG's log p(y|x); guide_max_norm then sets g's size)."""
-        targets, lengths, self._guide_log = self._best_targets(batch, step, shard.index)
+        targets, lengths, self._guide_log, swapped = self._best_targets(batch, step, shard.index)
         sources = len(batch["references"])
         token_lp, _ = token_log_probs(self.model, batch, targets, torch.arange(sources, device=targets.device),
                                       self.eos, lengths)
-        return shard.per_example(-token_lp.sum(), sources)
+        nll = -token_lp.sum(1)
+        if self.cfg.guide_rows == "improved":  # a row whose greedy output is already its best adds nothing
+            nll = nll * torch.tensor(swapped, dtype=nll.dtype, device=nll.device)
+        return shard.per_example(nll.sum(), sources)
 
     def _best_targets(self, batch: dict, step: int, index: int):
         """Per source, the output the guide raises the likelihood of: among its greedy output and
@@ -397,7 +406,7 @@ class MGS(UpdateRule):
         targets, target_lengths = pad_rows([rows[c] for c in chosen], self._pad_id(), greedy.device)
         log = {"guide_rows_swapped": swapped / n, "guide_batch_loss_before": before,
                "guide_batch_loss_after": self.metric.loss_from_stats(total)}
-        return targets, target_lengths, log
+        return targets, target_lengths, log, [c >= n for c in chosen]
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
