@@ -24,11 +24,25 @@ def llama_config(vocab_size: int):
                        tie_word_embeddings=True, bos_token_id=2, eos_token_id=2, pad_token_id=0)
 
 
+def bpe_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE with GPT-2's habits (what SmolLM2's tokenizer is), trained on the documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>"], min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=False)
+
+
 def write_tiny_llama(folder: Path, train_file: Path, text_column: str = "email_body", seed: int = 0) -> Path:
     """The folder, written once (a folder holding config.json is kept as it is)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
     folder = Path(folder)
     if (folder / "config.json").is_file():
@@ -39,14 +53,7 @@ def write_tiny_llama(folder: Path, train_file: Path, text_column: str = "email_b
             texts.append(json.loads(line)[text_column])
             if len(texts) == EMAILS:
                 break
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<unk>", "</s>"], min_frequency=2, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                        clean_up_tokenization_spaces=False)
+    tokenizer = bpe_tokenizer(texts, VOCAB_SIZE)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(len(tokenizer)))
     model.generation_config.max_length = None

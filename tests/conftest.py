@@ -277,6 +277,14 @@ def trained_run(tmp_path_factory, data_dir):
     return SimpleNamespace(rc=rc, stdout=stdout, stderr=stderr, dir=out, cwd=work)
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, multi30k_rows):
+    """40 Multi30k pairs as a local JSONL train file and 8 of them as its validation file (data=local)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = [{"source": r["de"], "target": r["en"]} for r in multi30k_rows[:40]]
+    return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "dev.jsonl", rows[:8])
+
+
 def allocated_peak(fn) -> int:
     """Peak bytes torch allocated on the CPU over fn() beyond what was allocated before it
     (the profiler's allocation events, summed in time order)."""

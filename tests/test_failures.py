@@ -16,13 +16,6 @@ from conftest import CONF_DIR, TINY_CLI, assert_user_error, read_jsonl, run_main
 from mleps.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory, multi30k_rows):
-    folder = tmp_path_factory.mktemp("pairs")
-    rows = [{"source": r["de"], "target": r["en"]} for r in multi30k_rows[:40]]
-    return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "dev.jsonl", rows[:8])
-
-
 def train(capfd, pairs, run: Path, *overrides: str):
     train_file, dev_file = pairs
     return run_main("mleps.train", "trainer=mle", *TINY_CLI, "trainer.max_steps=2", "trainer.batch_size=4",

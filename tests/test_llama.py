@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY_CLI, assert_user_error, run_main
 from mleps import population
 from mleps.decoding import generate
 from mleps.families import family_for
+from mleps_lab.tiny_llama import bpe_tokenizer
 from test_causal import PROMPTS, data_overrides, documents, word_tokenizer  # noqa: F401  (documents: a fixture)
 
 torch.set_num_threads(1)
@@ -73,20 +74,6 @@ def test_batched_population_decoding_on_llama_equals_sequential_decoding(tmp_pat
 
 
 # -- every rule through the CLI, offline -------------------------------------------------------------
-def bpe_tokenizer(texts: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with GPT-2's habits (what SmolLM2's tokenizer is), trained on the documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>"], min_frequency=2, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                   clean_up_tokenization_spaces=False)
-
-
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory, documents):  # noqa: F811
     """A tiny Llama and its tokenizer saved as a model=hf folder."""

@@ -66,6 +66,15 @@ def mle_warm(model, tokenizer, batch, steps: int) -> None:
         opt.step()
 
 
+def warmed(steps: int):
+    """(model, tokenizer, batch): the tiny model after `steps` MLE steps on its batch."""
+    tokenizer = word_tokenizer()
+    model = tiny_model()
+    batch = make_batch(tokenizer, model)
+    mle_warm(model, tokenizer, batch, steps=steps)
+    return model, tokenizer, batch
+
+
 def params_of(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 

@@ -11,7 +11,7 @@ from mleps.config import MGSConfig
 from mleps.errors import UserError
 from mleps.trainers import rule_class
 from mleps.trainers.base import token_cross_entropy
-from test_mgs import make_batch, mgs_rule, mle_warm, params_of, record_decoded_parameters, tiny_model, word_tokenizer
+from test_mgs import make_batch, mgs_rule, params_of, record_decoded_parameters, tiny_model, warmed, word_tokenizer
 
 torch.set_num_threads(1)
 
@@ -21,10 +21,7 @@ WARM = dict(guide="optimizer", apply="sgd", lr=3e-3, num_samples=4, temperature=
 
 @pytest.fixture(scope="module")
 def warm():
-    tokenizer = word_tokenizer()
-    model = tiny_model()
-    batch = make_batch(tokenizer, model)
-    mle_warm(model, tokenizer, batch, steps=60)
+    model, tokenizer, batch = warmed(60)
     return tokenizer, {k: v.clone() for k, v in model.state_dict().items()}, batch
 
 

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import word_tokenizer
 from mleps.decoding import DecodedBatch
 from mleps.losses import build_task_loss
 from mleps.search import PerturbationStats, SearchConfig, draw_samples, importance_weights
 from mleps.trainers.mgs import per_row_stats
-from test_mgs import make_batch, mgs_rule, mle_warm, tiny_model
+from test_mgs import mgs_rule, warmed
 
 torch.set_num_threads(1)
 
@@ -74,11 +73,7 @@ def test_per_row_statistics_add_up_to_the_batch():
 
 @pytest.fixture(scope="module")
 def warm():
-    tokenizer = word_tokenizer()
-    model = tiny_model()
-    batch = make_batch(tokenizer, model)
-    mle_warm(model, tokenizer, batch, steps=30)
-    return model, tokenizer, batch
+    return warmed(30)
 
 
 def test_best_sample_targets_lower_the_batch_loss_exactly_as_tracked(warm):
