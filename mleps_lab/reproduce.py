@@ -144,7 +144,7 @@ TASKS = {
         arm_overrides=PAPER_ARMS, limits=(50, 100, 200, 500), score_with_base=True),
 }
 
-# The paper's completion experiment on a real pretrained model (issue 37): SmolLM2-135M (model=smollm2,
+# The paper's completion experiment on a real pretrained model: SmolLM2-135M (model=smollm2,
 # docs/models.md) where the paper fine-tunes GPT-2 small, on AESLC paragraphs (data.sequences=paragraphs: each
 # non-empty line of an email one sequence ending in EOS), a LoRA adapter trained from the MLE base. MGS-LM is
 # the reference's proposal on the summed NLL under the frozen base (metric=lm metric.reduction=sum), MGS-blind

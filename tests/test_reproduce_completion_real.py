@@ -1,4 +1,4 @@
-"""The paper's completion experiment on a real pretrained model (scripts/reproduce.py completion_real, issue 37):
+"""The paper's completion experiment on a real pretrained model (scripts/reproduce.py completion_real):
 the tiny budget end to end on a random tiny Llama (SmolLM2's module types, LoRA), and the cpu and gpu budgets'
 commands without running them (its own file: pytest-xdist --dist loadfile runs it beside the other drivers)."""
 from __future__ import annotations
